@@ -1,0 +1,3 @@
+from densenet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""The DenseNet of Huang et al. (CVPR 2017): dense layer, dense block, transition, and the network.
+
+One class builds every network of the paper: the CIFAR/SVHN form (one 3x3 stem convolution, three
+blocks) and the ImageNet form (7x7 stride-2 stem, max-pool, four blocks), basic or bottleneck layers,
+any compression. Module names follow torchvision (``features.denseblock1.denselayer1.norm1``, ...,
+``features.norm5``, ``classifier``) so torchvision's ImageNet state dicts load as they are.
+
+    >>> import densenet
+    >>> model = densenet.create_model("densenet_bc100_k12")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densenet.errors import ConfigError
+
+StemKind = Literal["cifar", "imagenet"]
+
+
+class DenseLayer(nn.Module):
+    """H_l: BN-ReLU-Conv3x3 (basic) or BN-ReLU-Conv1x1(bottleneck_width*k)-BN-ReLU-Conv3x3 (DenseNet-B).
+
+    In the basic layer the only convolution is ``conv2`` (the 3x3), so that every 3x3 convolution of
+    every DenseNet has the same name and torchvision's bottleneck layers keep theirs.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, bottleneck_width: int | None, drop_rate: float) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.drop_rate = float(drop_rate)
+        self.bottleneck = bool(bottleneck_width)
+        if self.bottleneck:
+            inner = bottleneck_width * growth_rate
+            self.norm1 = nn.BatchNorm2d(in_channels)
+            self.relu1 = nn.ReLU(inplace=True)
+            self.conv1 = nn.Conv2d(in_channels, inner, kernel_size=1, stride=1, bias=False)
+        else:
+            inner = in_channels
+        self.norm2 = nn.BatchNorm2d(inner)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(inner, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+
+    def bottleneck_forward(self, x: Tensor) -> Tensor:
+        """The part of H_l that reads the concatenated input: BN-ReLU-Conv1x1 (or just the input)."""
+        if not self.bottleneck:
+            return x
+        out = self.conv1(self.relu1(self.norm1(x)))
+        return F.dropout(out, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else out
+
+    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        if not isinstance(x, Tensor):
+            x = torch.cat(list(x), dim=1)
+        out = self.conv2(self.relu2(self.norm2(self.bottleneck_forward(x))))
+        return F.dropout(out, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else out
+
+
+class DenseBlock(nn.ModuleDict):
+    """``num_layers`` dense layers; layer l sees the block input and the k maps of every earlier layer."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        bottleneck_width: int | None,
+        drop_rate: float,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.growth_rate = growth_rate
+        self.out_channels = in_channels + num_layers * growth_rate
+        self.memory_efficient = memory_efficient
+        for i in range(num_layers):
+            layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck_width, drop_rate)
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient:
+            from densenet.models.efficient import efficient_block_forward
+
+            return efficient_block_forward(self, x)
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, dim=1)
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1-AvgPool2x2 between dense blocks; the 1x1 convolution applies the compression."""
+
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.add_module("norm", nn.BatchNorm2d(in_channels))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, bias=False))
+        if drop_rate > 0:
+            # The paper drops out after every convolution but the first; Dropout has no state, so the
+            # state dict stays the same with or without it.
+            self.add_module("drop", nn.Dropout(drop_rate))
+        self.add_module("pool", nn.AvgPool2d(kernel_size=2, stride=2))
+
+
+class DenseNet(nn.Module):
+    """A Densely Connected Convolutional Network.
+
+    Args:
+        growth_rate: k, the maps each dense layer adds.
+        block_config: layers in each dense block, e.g. (6, 12, 24, 16) for DenseNet-121.
+        num_init_features: maps out of the stem; default 2k with the bottleneck, else 16 (the paper's).
+        bottleneck_width: the 1x1 convolution outputs bottleneck_width*k maps (4 in the paper);
+            None or 0 for the basic layer.
+        compression: theta in (0, 1]; a transition outputs floor(theta*m) of its m input maps.
+        stem: "cifar" (one 3x3 convolution, nothing after it) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
+        in_chans, num_classes: input channels and classifier outputs (0 for no classifier).
+        drop_rate: dropout after every convolution but the first (the paper's 0.2 without augmentation).
+        memory_efficient: shared-storage dense blocks whose BN-ReLU(-Conv1x1) outputs are recomputed in
+            the backward pass; same parameters, same results, training memory linear in depth.
+    """
+
+    def __init__(
+        self,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        num_init_features: int | None = None,
+        bottleneck_width: int | None = 4,
+        compression: float = 0.5,
+        stem: StemKind = "imagenet",
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        drop_rate: float = 0.0,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        block_config = tuple(int(n) for n in block_config)
+        if num_init_features is None:
+            num_init_features = 2 * growth_rate if bottleneck_width else 16
+        _validate(growth_rate, block_config, num_init_features, bottleneck_width, compression, stem, in_chans,
+                  num_classes, drop_rate)
+        self.growth_rate = growth_rate
+        self.block_config = block_config
+        self.bottleneck_width = bottleneck_width or None
+        self.compression = compression
+        self.stem = stem
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+
+        features = nn.Sequential()
+        if stem == "imagenet":
+            features.add_module("conv0", nn.Conv2d(in_chans, num_init_features, 7, stride=2, padding=3, bias=False))
+            features.add_module("norm0", nn.BatchNorm2d(num_init_features))
+            features.add_module("relu0", nn.ReLU(inplace=True))
+            features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+            reduction = 4
+        else:
+            features.add_module("conv0", nn.Conv2d(in_chans, num_init_features, 3, stride=1, padding=1, bias=False))
+            reduction = 1
+
+        self.feature_info: list[dict] = []
+        channels = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = DenseBlock(num_layers, channels, growth_rate, self.bottleneck_width, drop_rate, memory_efficient)
+            features.add_module(f"denseblock{i + 1}", block)
+            channels = block.out_channels
+            self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"features.denseblock{i + 1}"))
+            if i != len(block_config) - 1:
+                out_channels = int(math.floor(compression * channels))
+                features.add_module(f"transition{i + 1}", Transition(channels, out_channels, drop_rate))
+                channels = out_channels
+                reduction *= 2
+        # torchvision calls the final BN norm5 whatever the number of blocks; keep its name.
+        features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.feature_info[-1]["module"] = "features.norm5"
+        self.features = features
+        self.num_features = channels
+        self.classifier: nn.Module = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # The paper's released code: He-normal (fan-out) convolutions, BN 1/0, linear bias 0.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @property
+    def memory_efficient(self) -> bool:
+        return any(block.memory_efficient for block in self.dense_blocks())
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool) -> None:
+        for block in self.dense_blocks():
+            block.memory_efficient = bool(value)
+
+    def dense_blocks(self) -> list[DenseBlock]:
+        return [m for m in self.features if isinstance(m, DenseBlock)]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Stem, dense blocks, transitions and the final BN-ReLU: the maps before global pooling."""
+        return F.relu(self.features(x), inplace=True)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """One feature map per dense block (the last after the final BN-ReLU), for use as a backbone.
+
+        Their channels and strides are ``feature_info``'s ``num_chs`` and ``reduction``.
+        """
+        outputs = []
+        for name, module in self.features.named_children():
+            x = module(x)
+            if isinstance(module, DenseBlock) and name != f"denseblock{len(self.block_config)}":
+                outputs.append(x)
+        outputs.append(F.relu(x))
+        return outputs
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised classifier for num_classes (0 removes it), e.g. for fine-tuning."""
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.zeros_(self.classifier.bias)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+
+def _validate(growth_rate, block_config, num_init_features, bottleneck_width, compression, stem, in_chans,
+              num_classes, drop_rate) -> None:
+    if not isinstance(growth_rate, int) or growth_rate <= 0:
+        raise ConfigError(f"growth_rate must be a positive integer, got {growth_rate!r}")
+    if not block_config or any(n <= 0 for n in block_config):
+        raise ConfigError(f"block_config must be a non-empty list of positive layer counts, got {block_config!r}")
+    if num_init_features <= 0:
+        raise ConfigError(f"num_init_features must be positive, got {num_init_features!r}")
+    if bottleneck_width is not None and bottleneck_width < 0:
+        raise ConfigError(f"bottleneck_width must be None, 0 (no bottleneck) or positive, got {bottleneck_width!r}")
+    if not (isinstance(compression, int | float) and 0 < compression <= 1):
+        raise ConfigError(f"compression must be in (0, 1] (1 = none, the paper's DenseNet-C uses 0.5), "
+                          f"got {compression!r}")
+    if stem not in ("cifar", "imagenet"):
+        raise ConfigError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+    if in_chans <= 0:
+        raise ConfigError(f"in_chans must be positive, got {in_chans!r}")
+    if num_classes < 0:
+        raise ConfigError(f"num_classes must be >= 0, got {num_classes!r}")
+    if not 0 <= drop_rate < 1:
+        raise ConfigError(f"drop_rate must be in [0, 1), got {drop_rate!r}")

@@ -1,0 +1,90 @@
+"""The paper's networks as data: a name -> configuration table, and ``create_model`` over it.
+
+CIFAR/SVHN form (Table 2): three equal blocks; depth L = 3n + 4 (basic) or 6n + 4 (bottleneck).
+ImageNet form (Table 1): four blocks with bottleneck and compression 0.5, growth 32 (48 for 161).
+Beyond the named models, any valid ``densenet{L}_k{k}`` or ``densenet_bc{L}_k{k}`` builds too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+from densenet.errors import ConfigError
+from densenet.models.densenet import DenseNet
+
+
+def cifar_config(depth: int, growth_rate: int, bc: bool) -> dict[str, Any]:
+    """The paper's CIFAR/SVHN DenseNet (bc=False) or DenseNet-BC (bc=True) of depth L and growth k."""
+    per_layer = 6 if bc else 3  # convolutions per dense layer x 3 blocks
+    form = "6n+4" if bc else "3n+4"
+    if depth < 4 + per_layer or (depth - 4) % per_layer:
+        below = max(4 + per_layer, depth - (depth - 4) % per_layer)
+        nearest = sorted({below, below + per_layer} if depth > below else {below})
+        kind = "a DenseNet-BC" if bc else "a DenseNet"
+        raise ConfigError(f"depth {depth} is not {form} for {kind}; nearest: {', '.join(map(str, nearest))}")
+    n = (depth - 4) // per_layer
+    return dict(
+        growth_rate=growth_rate,
+        block_config=(n, n, n),
+        num_init_features=2 * growth_rate if bc else 16,
+        bottleneck_width=4 if bc else None,
+        compression=0.5 if bc else 1.0,
+        stem="cifar",
+        num_classes=10,
+    )
+
+
+def imagenet_config(growth_rate: int, block_config: tuple[int, ...], num_init_features: int) -> dict[str, Any]:
+    return dict(growth_rate=growth_rate, block_config=block_config, num_init_features=num_init_features,
+                bottleneck_width=4, compression=0.5, stem="imagenet", num_classes=1000)
+
+
+# name -> (configuration, one line for `densenet list`)
+MODELS: dict[str, dict[str, Any]] = {
+    "densenet40_k12": cifar_config(40, 12, bc=False),
+    "densenet100_k12": cifar_config(100, 12, bc=False),
+    "densenet100_k24": cifar_config(100, 24, bc=False),
+    "densenet_bc100_k12": cifar_config(100, 12, bc=True),
+    "densenet_bc250_k24": cifar_config(250, 24, bc=True),
+    "densenet_bc190_k40": cifar_config(190, 40, bc=True),
+    "densenet121": imagenet_config(32, (6, 12, 24, 16), 64),
+    "densenet169": imagenet_config(32, (6, 12, 32, 32), 64),
+    "densenet201": imagenet_config(32, (6, 12, 48, 32), 64),
+    "densenet264": imagenet_config(32, (6, 12, 64, 48), 64),
+    "densenet161": imagenet_config(48, (6, 12, 36, 24), 96),
+}
+
+_PATTERN = re.compile(r"^densenet(?P<bc>_bc)?(?P<depth>\d+)_k(?P<k>\d+)$")
+_OVERRIDABLE = {"num_classes", "in_chans", "drop_rate", "memory_efficient", "growth_rate", "block_config",
+                "num_init_features", "bottleneck_width", "compression", "stem"}
+
+
+def list_models() -> list[str]:
+    """The named models of the paper, CIFAR form first."""
+    return list(MODELS)
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The constructor arguments of a named model (or of any valid densenet[_bc]{L}_k{k})."""
+    if name in MODELS:
+        return dict(MODELS[name])
+    match = _PATTERN.match(name)
+    if match:
+        return cifar_config(int(match["depth"]), int(match["k"]), bc=bool(match["bc"]))
+    close = difflib.get_close_matches(name, list(MODELS), n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(f"unknown model {name!r}; {hint}choose from {', '.join(MODELS)} "
+                      f"(or any densenet{{L}}_k{{k}} / densenet_bc{{L}}_k{{k}} of the CIFAR form)")
+
+
+def create_model(name: str, **overrides: Any) -> DenseNet:
+    """Build a named DenseNet, e.g. ``create_model("densenet_bc100_k12", num_classes=100, drop_rate=0.2)``."""
+    unknown = set(overrides) - _OVERRIDABLE
+    if unknown:
+        raise ConfigError(f"create_model does not take {', '.join(sorted(unknown))}; "
+                          f"it takes {', '.join(sorted(_OVERRIDABLE))}")
+    config = model_config(name)
+    config.update(overrides)
+    return DenseNet(**config)
