@@ -169,3 +169,10 @@ def test_bad_configurations_raise_value_error(kwargs, message):
     with pytest.raises(ValueError) as info:
         densenet.create_model(**kwargs)
     assert message in str(info.value)
+
+
+def test_config_rebuilds_the_same_network():
+    model = densenet.create_model("densenet_bc16_k4", num_classes=3, in_chans=1)
+    rebuilt = densenet.DenseNet(**model.config)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert rebuilt.config == model.config

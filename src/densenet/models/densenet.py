@@ -144,6 +144,11 @@ class DenseNet(nn.Module):
             num_init_features = 2 * growth_rate if bottleneck_width else 16
         _validate(growth_rate, block_config, num_init_features, bottleneck_width, compression, stem, in_chans,
                   num_classes, drop_rate)
+        # The constructor arguments, enough to rebuild the network (weight files store them).
+        self.config = dict(growth_rate=growth_rate, block_config=list(block_config),
+                           num_init_features=num_init_features, bottleneck_width=bottleneck_width or None,
+                           compression=compression, stem=stem, in_chans=in_chans, num_classes=num_classes,
+                           drop_rate=drop_rate)
         self.growth_rate = growth_rate
         self.block_config = block_config
         self.bottleneck_width = bottleneck_width or None
@@ -234,6 +239,7 @@ class DenseNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised classifier for num_classes (0 removes it), e.g. for fine-tuning."""
         self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.zeros_(self.classifier.bias)
