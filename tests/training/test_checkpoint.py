@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, weights-only reads, and the choice of the one to resume from."""
 
 import os
+
 import pytest
 import torch
 
