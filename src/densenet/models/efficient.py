@@ -1,0 +1,282 @@
+"""The memory-efficient dense block: one shared buffer, BN-ReLU recomputed in the backward pass.
+
+The standard block keeps, for every layer l, the concatenation of the l earlier feature maps and its
+BN-ReLU output: memory quadratic in depth (Pleiss et al., "Memory-Efficient Implementation of
+DenseNets", 2017). Here instead
+
+- the block's maps live in ONE preallocated buffer (N, C_in + L*k, H, W); layer l reads the view
+  ``buffer[:, :C_in + l*k]`` and writes its k new maps into the next k channels: no concatenation copies;
+- the BN-ReLU outputs that feed each convolution are not stored: the backward pass recomputes them
+  (two cheap element-wise passes) from the buffer and from the saved batch mean and 1/std;
+- what is stored per layer is linear in depth: the bottleneck's 1x1-convolution output (4k maps, as in
+  the technical report, whose shared storage covers the concatenation and the BN outputs), the dropout
+  masks (bool) and per-channel statistics.
+
+The batch statistics of a channel never change once it is written, so each channel's batch mean and
+variance are computed once, when it enters the buffer, and every later layer's BN1 reuses them (the
+standard mode recomputes them over the whole concatenation in every layer). BN running statistics are
+updated exactly once per training forward; the recomputation uses the saved batch statistics and leaves
+them alone (torch.utils.checkpoint based versions update them twice).
+
+The backward pass is written out with torch's own kernels (native_batch_norm_backward,
+convolution_backward), one layer at a time, accumulating into one gradient buffer. Same modules, same
+parameters, same state dict as the standard mode: only DenseBlock.forward differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from densenet.errors import DenseNetError
+
+if TYPE_CHECKING:
+    from densenet.models.densenet import DenseBlock, DenseLayer
+
+aten = torch.ops.aten
+
+
+def efficient_block_forward(block: DenseBlock, x: Tensor) -> Tensor:
+    """The output of ``block`` for input ``x`` (all maps, concatenated), computed in one shared buffer."""
+    layers = list(block.values())
+    params: list[Tensor | None] = []
+    for layer in layers:
+        _check_layer(layer)
+        params.extend(_layer_params(layer))
+    tensors = [x, *(p for p in params if p is not None)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _SharedBufferBlock.apply(layers, x, *params)
+    with torch.no_grad():
+        return _forward(layers, x, params, save=False)[0]
+
+
+def _layer_params(layer: DenseLayer) -> list[Tensor | None]:
+    names = ("norm1", "conv1", "norm2", "conv2") if layer.bottleneck else ("norm2", "conv2")
+    out: list[Tensor | None] = []
+    for name in names:
+        module = getattr(layer, name)
+        out.extend([module.weight, module.bias] if isinstance(module, nn.BatchNorm2d) else [module.weight])
+    return out
+
+
+def _check_layer(layer: DenseLayer) -> None:
+    convs = [layer.conv2] + ([layer.conv1] if layer.bottleneck else [])
+    if any(conv.bias is not None or conv.groups != 1 for conv in convs):
+        raise DenseNetError("memory_efficient=True supports the paper's dense layers only (bias-free, ungrouped "
+                            "convolutions); set model.memory_efficient = False for this model")
+
+
+class _SharedBufferBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layers, x, *params):
+        out, saved = _forward(layers, x, list(params), save=True)
+        ctx.layers = layers
+        ctx.meta = saved.pop("meta")
+        ctx.x_dtype = x.dtype
+        tensors = saved["tensors"]
+        ctx.save_for_backward(out, *params, *tensors)
+        ctx.num_params = len(params)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        out, *rest = ctx.saved_tensors
+        params, tensors = rest[: ctx.num_params], rest[ctx.num_params:]
+        grad_x, grad_params = _backward(ctx.layers, out, params, tensors, ctx.meta, grad_out)
+        return (None, grad_x.to(ctx.x_dtype), *grad_params)
+
+
+# --- forward -----------------------------------------------------------------------------------------
+
+
+def _autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the convolutions compute in: autocast's lower precision when it is on, else the input's."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """What nn.BatchNorm2d does in a training forward, once: num_batches_tracked and the running averages."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    unbiased = var * (count / max(count - 1, 1))
+    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _stats(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance, in float32 at least (BN's accumulation type)."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    var, mean = torch.var_mean(t.to(acc), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def _normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor) -> Tensor:
+    """ReLU(BN(x)) with the given statistics (batch or running): BN's inference kernel, one fresh tensor."""
+    y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, bn.eps, False)
+    return y.relu_()
+
+
+def _dropout(t: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    # The draws of F.dropout on CPU (empty_like + bernoulli_, then multiply), so that a seeded run gives the
+    # standard mode's masks; the mask is kept as bool (1 byte) for the backward pass.
+    noise = torch.empty_like(t).bernoulli_(1 - p)
+    mask = noise.bool()
+    return t * noise.div_(1 - p), mask
+
+
+def _conv(x: Tensor, weight: Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> Tensor:
+    return F.conv2d(x.to(dtype), weight.to(dtype), None, conv.stride, conv.padding, conv.dilation)
+
+
+def _forward(layers, x: Tensor, params: list, save: bool):
+    device_type = x.device.type
+    conv_dtype = _autocast_dtype(device_type, x.dtype)
+    n, c_in, h, w = x.shape
+    growth = layers[0].conv2.out_channels
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    buffer = torch.empty((n, c_in + len(layers) * growth, h, w), device=x.device,
+                         dtype=torch.promote_types(x.dtype, conv_dtype),
+                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    buffer[:, :c_in].copy_(x)
+    count = n * h * w
+    batch_stats = [(_uses_batch_stats(layer.norm1 if layer.bottleneck else layer.norm2),
+                    layer.bottleneck and _uses_batch_stats(layer.norm2)) for layer in layers]
+    # Per-channel batch statistics of the buffer, computed once per channel as it is written.
+    means: list[Tensor] = []
+    variances: list[Tensor] = []
+    if any(first for first, _ in batch_stats):
+        m, v = _stats(x)
+        means.append(m), variances.append(v)
+    saved: list[Tensor | None] = []
+    c, i = c_in, 0
+    with _no_autocast(device_type):
+        for layer, (first_batch, second_batch) in zip(layers, batch_stats, strict=True):
+            size = 6 if layer.bottleneck else 3
+            lp = params[i:i + size]
+            i += size
+            first = layer.norm1 if layer.bottleneck else layer.norm2
+            if first_batch:
+                mean, var = torch.cat(means), torch.cat(variances)
+                _update_running_stats(first, mean, var, count)
+            else:
+                mean, var = first.running_mean, first.running_var
+            y = _normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var)
+            record: list[Tensor | None] = [mean, var]
+            if layer.bottleneck:
+                mid = _conv(y, lp[2], layer.conv1, conv_dtype)
+                del y
+                mask1 = None
+                if layer.drop_rate > 0 and layer.training:
+                    mid, mask1 = _dropout(mid, layer.drop_rate)
+                if second_batch:
+                    mean2, var2 = _stats(mid)
+                    _update_running_stats(layer.norm2, mean2, var2, count)
+                else:
+                    mean2, var2 = layer.norm2.running_mean, layer.norm2.running_var
+                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2)
+                record += [mid, mask1, mean2, var2]
+            new = _conv(y, lp[-1], layer.conv2, conv_dtype)
+            del y
+            mask2 = None
+            if layer.drop_rate > 0 and layer.training:
+                new, mask2 = _dropout(new, layer.drop_rate)
+            record.append(mask2)
+            buffer[:, c:c + growth].copy_(new)
+            if means:
+                m, v = _stats(new)
+                means.append(m), variances.append(v)
+            del new
+            c += growth
+            if save:
+                saved.extend(record)
+    meta = dict(conv_dtype=conv_dtype, c_in=c_in, growth=growth, batch_stats=batch_stats)
+    return buffer, dict(tensors=saved, meta=meta)
+
+
+# --- backward ----------------------------------------------------------------------------------------
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
+def _undrop(grad: Tensor, mask: Tensor | None, p: float) -> Tensor:
+    # Exactly the standard mode's gradient through input * (mask / (1 - p)).
+    return grad if mask is None else grad * mask.to(grad.dtype).div_(1 - p)
+
+
+def _bn_backward(grad: Tensor, inp: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor,
+                 batch: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    mask = [True, weight is not None, bias is not None]
+    if batch:
+        invstd = torch.rsqrt(var + bn.eps)
+        return aten.native_batch_norm_backward(grad, inp, weight, None, None, mean, invstd, True, bn.eps, mask)
+    return aten.native_batch_norm_backward(grad, inp, weight, mean, var, None, None, False, bn.eps, mask)
+
+
+def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Conv2d, dtype: torch.dtype):
+    grad_in, grad_w, _ = aten.convolution_backward(
+        grad.to(dtype), inp.to(dtype), weight.to(dtype), None, list(conv.stride), list(conv.padding),
+        list(conv.dilation), False, [0, 0], 1, [True, True, False])
+    return grad_in, grad_w.to(weight.dtype)
+
+
+def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Tensor):
+    conv_dtype, c_in, growth = meta["conv_dtype"], meta["c_in"], meta["growth"]
+    grad = grad_out.to(buffer.dtype).clone(memory_format=torch.preserve_format)
+    grad_params: list[Tensor | None] = [None] * len(params)
+    # Where each layer's parameters and saved tensors start, in forward order.
+    starts, p, t = [], 0, 0
+    for layer in layers:
+        starts.append((p, t))
+        p += 6 if layer.bottleneck else 3
+        t += 7 if layer.bottleneck else 3
+    with _no_autocast(buffer.device.type):
+        for index in reversed(range(len(layers))):
+            layer, (p, t) = layers[index], starts[index]
+            first_batch, second_batch = meta["batch_stats"][index]
+            c = c_in + index * growth
+            lp = params[p:p + (6 if layer.bottleneck else 3)]
+            record = tensors[t:t + (7 if layer.bottleneck else 3)]
+            mean, var, mask2 = record[0], record[1], record[-1]
+            inp = buffer[:, :c]
+            g = _undrop(grad[:, c:c + growth], mask2, layer.drop_rate)
+            # conv2's input, recomputed: ReLU(BN2(bottleneck output)), or ReLU(BN(block maps)) in a basic layer.
+            if layer.bottleneck:
+                mid, mask1, mean2, var2 = record[2:6]
+                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2)
+            else:
+                y = _normalize_relu(inp, layer.norm2, lp[0], lp[1], mean, var)
+            g, grad_params[p + len(lp) - 1] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
+            g = aten.threshold_backward(g.to(y.dtype), y, 0)
+            del y
+            if layer.bottleneck:
+                g, grad_params[p + 3], grad_params[p + 4] = _bn_backward(
+                    g, mid, layer.norm2, lp[3], lp[4], mean2, var2, second_batch)
+                g = _undrop(g, mask1, layer.drop_rate)
+                y = _normalize_relu(inp, layer.norm1, lp[0], lp[1], mean, var)
+                g, grad_params[p + 2] = _conv_backward(g, y, lp[2], layer.conv1, conv_dtype)
+                g = aten.threshold_backward(g.to(y.dtype), y, 0)
+                del y
+                first_bn = layer.norm1
+            else:
+                first_bn = layer.norm2
+            g, grad_params[p], grad_params[p + 1] = _bn_backward(g, inp, first_bn, lp[0], lp[1], mean, var,
+                                                                 first_batch)
+            grad[:, :c] += g
+            del g
+    return grad[:, :c_in], grad_params
