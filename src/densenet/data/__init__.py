@@ -1,0 +1,1 @@
+"""Data: image files, data sets, augmentation."""
