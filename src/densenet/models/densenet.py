@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet.errors import ConfigError
+from densenet.models.concat_free import BlockBuffer, block_output, concat_bn_relu
 
 StemKind = Literal["cifar", "imagenet"]
 
@@ -54,10 +55,24 @@ class DenseLayer(nn.Module):
         out = self.conv1(self.relu1(self.norm1(x)))
         return F.dropout(out, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else out
 
-    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
-        if not isinstance(x, Tensor):
-            x = torch.cat(list(x), dim=1)
-        out = self.conv2(self.relu2(self.norm2(self.bottleneck_forward(x))))
+    def forward(self, x: Tensor | Sequence[Tensor], buffer: BlockBuffer | None = None) -> Tensor:
+        """H_l of ``x``, the earlier maps (a list, concatenated here) or their concatenation.
+
+        With the block's ``buffer`` the concatenation and the first BN-ReLU come from
+        ``concat_free.concat_bn_relu``: no copy of the earlier maps, their batch statistics reused.
+        """
+        first_bn = self.norm1 if self.bottleneck else self.norm2
+        if buffer is not None and not isinstance(x, Tensor) and type(first_bn) is nn.BatchNorm2d:
+            y = concat_bn_relu(buffer, first_bn, x)
+            if self.bottleneck:
+                y = self.conv1(y)
+                y = F.dropout(y, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else y
+                y = self.relu2(self.norm2(y))
+            out = self.conv2(y)
+        else:
+            if not isinstance(x, Tensor):
+                x = torch.cat(list(x), dim=1)
+            out = self.conv2(self.relu2(self.norm2(self.bottleneck_forward(x))))
         return F.dropout(out, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else out
 
 
@@ -88,9 +103,23 @@ class DenseBlock(nn.ModuleDict):
 
             return efficient_block_forward(self, x)
         features = [x]
+        if not _concat_free(x):
+            for layer in self.values():
+                features.append(layer(features))
+            return torch.cat(features, dim=1)
+        buffer = BlockBuffer(x, self.out_channels)
         for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, dim=1)
+            features.append(layer(features, buffer))
+        return block_output(buffer, features)
+
+
+def _concat_free(x: Tensor) -> bool:
+    """Whether the block runs through its buffer: when training (the case it speeds up), in eager mode only.
+
+    Tracing, exporting and torch.compile see the plain concatenation, which they know how to optimise.
+    """
+    return (torch.is_grad_enabled() and x.dim() == 4 and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling())
 
 
 class Transition(nn.Sequential):
@@ -191,6 +220,8 @@ class DenseNet(nn.Module):
 
     def _init_weights(self) -> None:
         # The paper's released code: He-normal (fan-out) convolutions, BN 1/0, linear bias 0.
+        if next(self.parameters()).is_meta:
+            return  # shape-only copies (parameter and MAC counts) have no values to initialise
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
