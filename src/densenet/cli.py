@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("densenet.analysis.commands", "every named model with its parameters and MACs"),
     "summary": ("densenet.analysis.commands", "a model as the paper's Table 1, with parameters and MACs"),
+    "bench": ("densenet.bench.commands", "benchmarks: speed against torchvision, training memory"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``densenet bench speed`` (against torchvision) and ``densenet bench memory``."""

@@ -1,0 +1,277 @@
+"""``densenet bench speed --model NAME``: our DenseNet against torchvision's identical network, side by side.
+
+Three tasks, each timed for both networks interleaved in one process (A B B A A B ...), so that a
+neighbour's load or the CPU's clock hits both alike:
+
+- train: one SGD step (forward, cross-entropy, backward, update) at --batch-size (16 at 224 px, 64 at 32 px);
+- infer: a no-grad forward at batch 64 (ours through --engine, torchvision always eager);
+- latency: a no-grad forward of one image.
+
+Each reports the median and spread (min, quartiles, max) of --repeats samples, images/s, the ratio
+ours/torchvision, and the FLOP/s achieved (2 x MACs per forward, x3 for a training step) as a fraction of
+the peak of a large matrix product timed in the same run at the same precision.
+
+    densenet bench speed --model densenet_bc100_k12 --repeats 7 --markdown
+    densenet bench speed --model densenet121 --precision bf16 --channels-last --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torchvision
+from torch import nn
+
+from densenet.analysis.complexity import count_macs, default_input_size
+from densenet.errors import ConfigError
+from densenet.inference.engines import ENGINES, build_engine
+from densenet.models.densenet import DenseNet
+from densenet.models.registry import create_model
+
+
+def torchvision_reference(model: DenseNet) -> nn.Module:
+    """torchvision's DenseNet with the same architecture and weights as ``model``."""
+    cfg = model.config
+    if not cfg["bottleneck_width"] or cfg["compression"] != 0.5 or cfg["drop_rate"]:
+        raise ConfigError("torchvision's DenseNet has bottleneck layers and compression 0.5 only; "
+                          "benchmark a DenseNet-BC such as densenet_bc100_k12 or an ImageNet model")
+    reference = torchvision.models.DenseNet(
+        growth_rate=cfg["growth_rate"], block_config=tuple(cfg["block_config"]),
+        num_init_features=cfg["num_init_features"], bn_size=cfg["bottleneck_width"],
+        num_classes=cfg["num_classes"] or 1000)
+    if cfg["stem"] == "cifar":
+        reference.features.conv0 = nn.Conv2d(cfg["in_chans"], cfg["num_init_features"], 3, padding=1, bias=False)
+        del reference.features.norm0, reference.features.relu0, reference.features.pool0
+    elif cfg["in_chans"] != 3:
+        raise ConfigError("the torchvision reference takes 3 input channels; drop --in-chans")
+    reference.load_state_dict(model.state_dict())
+    return reference
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one network on one task, over the repeats."""
+
+    samples: list[float]
+    images: int
+    flops: float  # per call
+    median_s: float = 0.0
+    min_s: float = 0.0
+    q1_s: float = 0.0
+    q3_s: float = 0.0
+    max_s: float = 0.0
+    images_per_s: float = 0.0
+    flops_per_s: float = 0.0
+    peak_fraction: float = 0.0
+
+    def summarise(self, peak_flops: float) -> Timing:
+        s = sorted(self.samples)
+        quartiles = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
+        self.median_s, self.min_s, self.max_s = statistics.median(s), s[0], s[-1]
+        self.q1_s, self.q3_s = quartiles[0], quartiles[2]
+        self.images_per_s = self.images / self.median_s
+        self.flops_per_s = self.flops / self.median_s
+        self.peak_fraction = self.flops_per_s / peak_flops
+        return self
+
+
+@dataclass
+class TaskResult:
+    task: str
+    batch_size: int
+    ours: Timing
+    torchvision: Timing
+    ratio: float = field(init=False)  # ours' throughput / torchvision's, from the median times
+
+    def __post_init__(self) -> None:
+        self.ratio = self.torchvision.median_s / self.ours.median_s
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, precision: str, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of ``repeats`` (size x size) @ (size x size) products at this precision."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                 inner: int = 1) -> dict[str, list[float]]:
+    """Time each call ``repeats`` times, alternating the order every round (ABBA...) after ``warmup`` rounds."""
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                calls[name]()
+            _sync(device)
+            if round_ >= warmup:
+                samples[name].append((time.perf_counter() - start) / inner)
+    return samples
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                precision: str) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, precision):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def _forward(model: Callable, x: torch.Tensor, device: torch.device, precision: str) -> Callable[[], object]:
+    def call() -> object:
+        with torch.no_grad(), _autocast(device, precision):
+            return model(x)
+    return call
+
+
+def _prepare(model: nn.Module, device: torch.device, channels_last: bool, compile_: bool) -> nn.Module:
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_ else model
+
+
+def _input(batch: int, model: DenseNet, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = torch.randn(batch, model.in_chans, size, size, device=device)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Measure every task in ``args.tasks``; returns a JSON-ready dict (see ``format_markdown``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.engine != "eager" and args.precision != "fp32":
+        raise ConfigError(f"--engine {args.engine} runs in fp32 only; use --precision fp32 or --engine eager")
+    torch.manual_seed(0)
+    ours = create_model(args.model, memory_efficient=args.memory_efficient)
+    reference = torchvision_reference(ours)
+    size = args.input_size or default_input_size(ours)
+    macs = count_macs(ours, size)
+    peak = matmul_peak(device, args.precision, args.matmul_size)
+    train_batch = args.batch_size or (16 if size >= 128 else 64)
+    results: list[TaskResult] = []
+    for task in args.tasks:
+        batch = {"train": train_batch, "infer": args.infer_batch_size, "latency": 1}[task]
+        x = _input(batch, ours, size, device, args.channels_last)
+        if task == "train":
+            y = torch.randint(0, max(ours.num_classes, 1), (batch,), device=device)
+            calls = {}
+            for name, net in (("ours", ours), ("torchvision", reference)):
+                net = _prepare(net, device, args.channels_last, args.compile).train()
+                calls[name] = _train_step(net, x, y, device, args.precision)
+            flops = 3 * 2 * macs * batch
+        else:
+            engine = build_engine(ours, args.engine, example=x, device=device, channels_last=args.channels_last)
+            ref = _prepare(reference, device, args.channels_last, args.compile).eval()
+            calls = {"ours": _forward(engine, x, device, args.precision),
+                     "torchvision": _forward(ref, x, device, args.precision)}
+            flops = 2 * macs * batch
+        inner = 10 if task == "latency" else 1
+        samples = _interleaved(calls, device, args.warmup, args.repeats, inner)
+        timings = {name: Timing(samples[name], batch, flops).summarise(peak) for name in calls}
+        results.append(TaskResult(task, batch, timings["ours"], timings["torchvision"]))
+    return dict(
+        model=args.model, input_size=size, macs_per_image=macs,
+        settings=dict(device=str(device), precision=args.precision, channels_last=args.channels_last,
+                      compile=args.compile, memory_efficient=args.memory_efficient, engine=args.engine,
+                      threads=torch.get_num_threads(), warmup=args.warmup, repeats=args.repeats),
+        machine=dict(processor=platform.processor() or platform.machine(), torch=torch.__version__,
+                     gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
+        matmul_peak_flops=peak, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        results=[asdict(r) for r in results],
+    )
+
+
+def format_markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"**{report['model']}** at {report['input_size']} px, {s['precision']}, "
+             f"{'channels_last' if s['channels_last'] else 'NCHW'}{', compiled' if s['compile'] else ''}"
+             f"{', memory-efficient' if s['memory_efficient'] else ''}, engine {s['engine']}, "
+             f"{s['threads']} threads, {s['device']}; matmul peak {report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; "
+             f"median of {s['repeats']} (min-max)",
+             "",
+             "| task | batch | ours img/s | torchvision img/s | ours/torchvision | ours % peak | torchvision % peak |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        o, t = r["ours"], r["torchvision"]
+
+        def cell(x: dict) -> str:
+            return f"{x['images_per_s']:.1f} ({x['images'] / x['max_s']:.1f}-{x['images'] / x['min_s']:.1f})"
+        lines.append(f"| {r['task']} | {r['batch_size']} | {cell(o)} | {cell(t)} | {r['ratio']:.2f}x | "
+                     f"{100 * o['peak_fraction']:.0f}% | {100 * t['peak_fraction']:.0f}% |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a DenseNet-BC or ImageNet name, e.g. densenet_bc100_k12")
+    parser.add_argument("--tasks", nargs="+", choices=("train", "infer", "latency"),
+                        default=["train", "infer", "latency"])
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
+    parser.add_argument("--channels-last", action="store_true", help="both networks and inputs channels_last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    parser.add_argument("--memory-efficient", action="store_true", help="our memory-efficient dense blocks")
+    parser.add_argument("--engine", choices=ENGINES, default="eager",
+                        help="our inference path for infer/latency (torchvision stays eager)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 16 at 224 px, 64 at 32)")
+    parser.add_argument("--infer-batch-size", type=int, default=64)
+    parser.add_argument("--input-size", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square product timed for the peak")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the full report as JSON")
+    output.add_argument("--markdown", action="store_true", help="print a markdown table")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1 or args.warmup < 0:
+        raise ConfigError("--repeats must be >= 1 and --warmup >= 0")
+    if (args.batch_size is not None and args.batch_size < 1) or args.infer_batch_size < 1:
+        raise ConfigError("--batch-size and --infer-batch-size must be >= 1")
+    report = run_benchmark(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_markdown(report))
+    return 0
