@@ -1,0 +1,56 @@
+"""Augmentation of a whole uint8 batch at once, on the device that trains.
+
+The small data sets (CIFAR, SVHN, digits) live in memory as uint8 tensors of shape (N, C, H, W). A
+training step takes a batch of them to the device and augments it there with a few tensor operations,
+so loading and augmenting never limit a step, and the randomness comes from one explicit generator
+(derived from the seed and the epoch) that a resumed run can recreate exactly.
+
+The paper's C10+/C100+ augmentation ("standard"): zero-pad 4 pixels on each side, take a random
+H x W crop, flip horizontally with probability 1/2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """A random crop of the zero-padded batch, flipped left-right for half the images; same shape and dtype."""
+    n, c, h, w = images.shape
+    if n == 0:
+        return images
+    # Draw on the generator's device (CPU) so the numbers do not depend on where training runs.
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (n, h)
+    cols = offsets[1, :, None] + torch.arange(w, device=images.device)  # (n, w)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype=torch.float32) -> Tensor:
+    """uint8 (N, C, H, W) -> float, divided by 255, minus the per-channel mean, over the per-channel std."""
+    mean_t = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    return (images.to(dtype) / 255.0 - mean_t) / std_t
+
+
+def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of a uint8 (N, C, H, W) set, in the 0..1 range."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, images.shape[0], chunk):
+        part = images[start:start + chunk].to(torch.float64) / 255.0
+        total += part.sum(dim=(0, 2, 3))
+        squares += (part * part).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / max(count, 1)
+    std = (squares / max(count, 1) - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]

@@ -1,0 +1,188 @@
+"""One epoch of training and one pass of evaluation, for in-memory and streamed data alike.
+
+In-memory sets (``Split``) are shuffled by a generator derived from (seed, epoch), cut into per-rank
+batches, and augmented on the device (``densenet.data.augment``); streamed sets come from a DataLoader
+whose sampler is seeded the same way. Nothing depends on state carried from one epoch to the next
+except the model and optimiser, which is what makes a resumed run exactly equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from densenet.data.augment import normalize, pad_crop_flip
+from densenet.data.datasets import Data, Split, worker_error_message
+from densenet.errors import DenseNetError
+from densenet.training.distributed import Dist, all_sum, broadcast_flag
+
+
+class NonFiniteLoss(DenseNetError):
+    """The loss became NaN or infinite; training stops and the last good checkpoint stays."""
+
+
+@dataclass
+class Stats:
+    loss: float
+    error: float  # top-1, percent
+    top5_error: float
+    n: int
+    seconds: float
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0, stream: int = 0) -> int:
+    """A distinct, reproducible seed for each (run seed, epoch, rank, purpose)."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + stream) % (2**63 - 1)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every ``world``-th index from ``rank`` (shuffled per epoch when training): no padding, no repeats."""
+
+    def __init__(self, n: int, info: Dist, shuffle: bool, seed: int = 0) -> None:
+        self.n, self.info, self.shuffle, self.seed, self.epoch = n, info, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, stream=1))
+            order = torch.randperm(self.n, generator=g)
+            order = order[: self.n - self.n % self.info.world_size]  # equal step counts on every rank
+        else:
+            order = torch.arange(self.n)
+        return order[self.info.rank::self.info.world_size].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+
+class Batches:
+    """The (input, label) batches of one split for one epoch, on the device and normalised."""
+
+    def __init__(self, data: Data, split: Split | torch.utils.data.Dataset, batch_size: int, info: Dist,
+                 device: torch.device, *, train: bool, augment: bool = False, seed: int = 0, workers: int = 0,
+                 channels_last: bool = False) -> None:
+        self.data, self.split, self.batch_size, self.info, self.device = data, split, batch_size, info, device
+        self.train, self.augment, self.seed, self.channels_last = train, augment, seed, channels_last
+        self.sampler = ShardSampler(len(split), info, shuffle=train, seed=seed)
+        self.loader = None
+        if not isinstance(split, Split):
+            self.loader = torch.utils.data.DataLoader(
+                split, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                pin_memory=device.type == "cuda", drop_last=False, persistent_workers=workers > 0)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def images(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch)
+        if self.loader is not None:
+            try:
+                for x, y in self.loader:
+                    yield self._finish(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+            except DenseNetError as exc:  # re-raised from a worker: keep the file name, drop the traceback
+                raise DenseNetError(worker_error_message(exc)) from None
+            return
+        order = torch.tensor(self.sampler._indices(), dtype=torch.long)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.info.rank, stream=2))
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            x = self.split.images[index].to(self.device, non_blocking=True)
+            if self.augment:
+                x = pad_crop_flip(x, generator)
+            yield self._finish(normalize(x, self.data.mean, self.data.std)), self.split.labels[index].to(self.device)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, epoch: int,
+                    device: torch.device, info: Dist, amp: str = "none", scaler=None, quiet: bool = False,
+                    total_epochs: int | None = None) -> Stats:
+    model.train()
+    loss_sum = correct = seen = 0.0
+    start = time.perf_counter()
+    show = not quiet and info.is_main and sys.stderr.isatty()
+    log_lines = not quiet and info.is_main and not show  # a log file: a plain line a minute instead of a bar
+    last_log = start
+    total = batches.images() * info.world_size
+    label = f"epoch {epoch + 1}" + (f"/{total_epochs}" if total_epochs else "")
+    with tqdm(total=total, desc=label, unit="img", disable=not show,
+              leave=False, dynamic_ncols=True) as bar:
+        for step, (x, y) in enumerate(batches.epoch(epoch)):
+            with autocast(device, amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            bad = not bool(torch.isfinite(loss))
+            if broadcast_flag(bad, info, device):
+                raise NonFiniteLoss(f"the loss became {loss.item() if bad else 'non-finite on another rank'} "
+                                    f"at epoch {epoch + 1}, step {step + 1}; stopped, the last good checkpoint "
+                                    f"stays (try a lower --lr, or --amp none)")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            n = y.shape[0]
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += n
+            bar.update(n * info.world_size)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+            now = time.perf_counter()
+            if log_lines and now - last_log > 60:
+                last_log = now
+                done = int(seen) * info.world_size
+                rate = done / (now - start)
+                print(f"  {label}: {done}/{total} images, {rate:.0f} img/s, loss {loss_sum / seen:.3f}, "
+                      f"~{(total - done) / max(rate, 1e-9) / 60:.1f} min left", flush=True)
+    loss_sum, correct, seen = all_sum([loss_sum, correct, seen], info, device)
+    seen = max(seen, 1)
+    return Stats(loss_sum / seen, 100.0 * (1 - correct / seen), float("nan"), int(seen), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, info: Dist,
+             amp: str = "none") -> Stats:
+    """Loss, top-1 and top-5 error (percent) over the whole split; ten-crop inputs (B, 10, C, H, W) averaged."""
+    model.eval()
+    loss_sum = top1 = top5 = seen = 0.0
+    start = time.perf_counter()
+    for x, y in batches.epoch(0):
+        crops = x.shape[1] if x.dim() == 5 else 0
+        with autocast(device, amp):
+            logits = model(x.flatten(0, 1) if crops else x).float()
+        if crops:
+            logits = logits.view(-1, crops, logits.shape[-1]).softmax(-1).mean(1).log()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == y[:, None]
+        top1 += hits[:, 0].sum().item()
+        top5 += hits.any(dim=1).sum().item()
+        seen += y.shape[0]
+    loss_sum, top1, top5, seen = all_sum([loss_sum, top1, top5, seen], info, device)
+    n = max(seen, 1)
+    return Stats(loss_sum / n, 100.0 * (1 - top1 / n), 100.0 * (1 - top5 / n), int(seen), time.perf_counter() - start)

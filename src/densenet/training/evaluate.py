@@ -1,0 +1,78 @@
+"""``densenet evaluate``: top-1 and top-5 error of trained weights on a data set's test split.
+
+    densenet evaluate --checkpoint runs/digits-densenet_bc40_k12-20260101-120000
+    densenet evaluate --checkpoint model.safetensors --dataset imagenet --data-dir /imagenet --ten-crop --json
+
+The data set, class names and normalisation come from the weights' metadata unless given; ImageNet and
+folders are evaluated on a single centre crop (resize 256, crop 224) or, with --ten-crop, on the four
+corners, centre and their mirror images, averaging the ten softmax outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from densenet.data.datasets import DATASETS, load_data
+from densenet.errors import DenseNetError
+from densenet.training.distributed import Dist
+from densenet.training.engine import Batches, evaluate
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--checkpoint", required=True, metavar="RUN_DIR_OR_WEIGHTS",
+        help="a run folder, a model.safetensors, a checkpoint, or torchvision/timm weights")
+    add("--dataset", help=f"one of {', '.join(DATASETS)} (default: the one the weights were trained on)")
+    add("--data-dir", help="where the data set is (default data/<dataset>)")
+    add("--batch-size", type=int, default=128)
+    add("--workers", type=int, default=4)
+    add("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    add("--ten-crop", action="store_true", help="ImageNet/folders: average the ten crops (resize 256, crop 224)")
+    add("--json", action="store_true", help="print one JSON object: top1_error, top5_error (percent), n, ...")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    result = evaluate_weights(args.checkpoint, args.dataset, args.data_dir, batch_size=args.batch_size,
+                              workers=args.workers, device=args.device, ten_crop=args.ten_crop)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        crop = " (ten-crop)" if result["ten_crop"] else ""
+        print(f"{result['model']} on {result['dataset']} test ({result['n']} images){crop}: "
+              f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%")
+    return 0
+
+
+def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, *,
+                     batch_size: int = 128, workers: int = 4, device: str = "auto", ten_crop: bool = False) -> dict:
+    from densenet.models.weights import load_weights
+
+    if batch_size <= 0:
+        raise DenseNetError(f"--batch-size must be a positive integer, not {batch_size}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DenseNetError("--device cuda but CUDA is not available here; use --device cpu or auto")
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    model, meta = load_weights(checkpoint)
+    dataset = dataset or meta.get("dataset")
+    if not dataset:
+        raise DenseNetError(f"{checkpoint} does not say which data set it was trained on; pass --dataset")
+    if ten_crop and DATASETS.get(dataset, (None, None, True))[2]:
+        raise DenseNetError(f"--ten-crop is for imagenet and folder data sets, not {dataset} (32x32 images)")
+    data = load_data(dataset, data_dir, train=False, ten_crop=ten_crop, input_size=meta.get("input_size"))
+    classes = meta.get("classes")
+    if classes and len(classes) != data.num_classes:
+        raise DenseNetError(f"{checkpoint} predicts {len(classes)} classes but {dataset} has {data.num_classes}")
+    if model.config.get("num_classes") != data.num_classes:
+        raise DenseNetError(f"{checkpoint} has {model.config.get('num_classes')} outputs but {dataset} has "
+                            f"{data.num_classes} classes")
+    if meta.get("mean") and data.in_memory:  # normalise as in training
+        data = dataclasses.replace(data, mean=list(meta["mean"]), std=list(meta["std"]))
+    batches = Batches(data, data.test, batch_size, Dist(), dev, train=False, workers=workers)
+    stats = evaluate(model.to(dev), batches, dev, Dist())
+    return {"model": meta.get("model"), "dataset": dataset, "top1_error": round(stats.error, 4),
+            "top5_error": round(stats.top5_error, 4), "n": stats.n, "loss": round(stats.loss, 6),
+            "ten_crop": ten_crop}

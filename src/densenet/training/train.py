@@ -1,0 +1,276 @@
+"""``densenet train``: the paper's training protocol on any data set, into a run folder.
+
+    densenet train                                         # DenseNet-BC on the built-in digits, a few minutes
+    densenet train --config configs/c10+_densenet40_k12.yaml --data-dir data/cifar10
+    densenet train --resume runs/cifar10-densenet40_k12-20260101-120000
+    torchrun --nproc_per_node 8 -m densenet train --config configs/imagenet_densenet121.yaml --data-dir /imagenet
+
+Flags override the recipe; the resolved options go to RUN_DIR/config.yaml and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from densenet.data.datasets import DATASETS, Data, load_data
+from densenet.errors import ConfigError, DenseNetError
+from densenet.models import create_model
+from densenet.training import distributed, run_folder
+from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
+from densenet.training.engine import Batches, Stats, epoch_seed, evaluate, train_one_epoch
+from densenet.training.options import TrainOptions, resolve_options
+from densenet.training.schedule import build_optimizer, build_scheduler
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` flags; every one defaults to None so that only flags actually given override a recipe."""
+    add = parser.add_argument
+    add("--config", metavar="FILE.yaml", help="a recipe (configs/*.yaml); flags given here override it")
+    add("--model", help="a model name (densenet list), e.g. densenet40_k12 or densenet_bc100_k12")
+    add("--dataset", help=f"one of {', '.join(DATASETS)} (default digits, built in)")
+    add("--data-dir", help="where the data set is (default data/<dataset>)")
+    add("--download", action="store_true", default=None, help="download CIFAR/SVHN when missing (needs internet)")
+    add("--epochs", type=int)
+    add("--batch-size", type=int, help="total over all processes (paper: 64 CIFAR/SVHN, 256 ImageNet)")
+    add("--lr", type=float, help="initial learning rate (paper: 0.1), divided by 10 at 50%% and 75%%")
+    add("--milestones", type=int, nargs="+", metavar="EPOCH", help="epochs where the rate is divided by 10")
+    add("--weight-decay", type=float)
+    add("--drop-rate", type=float, help="dropout after each convolution (paper: 0.2 without augmentation)")
+    add("--augment", choices=["standard", "none"], help="standard: the paper's (pad-crop-flip; ImageNet: "
+        "fb.resnet.torch); default by data set")
+    add("--input-size", type=int, help="image side for folder/imagenet (default 224)")
+    add("--seed", type=int)
+    add("--device", choices=["cpu", "cuda", "auto"])
+    add("--workers", type=int, help="DataLoader workers for streamed data sets (default 4)")
+    add("--threads", type=int, help="CPU threads (1 is faster on a busy machine: no waiting on a preempted thread)")
+    add("--amp", choices=["none", "bf16", "fp16"], help="mixed precision: bf16 autocast, or fp16 with a "
+        "gradient scaler (CUDA)")
+    add("--channels-last", action="store_true", default=None)
+    add("--memory-efficient", action="store_true", default=None, help="shared-storage dense blocks (less memory)")
+    add("--init", metavar="WEIGHTS", help="start from these weights (a new classifier if the classes differ)")
+    add("--out", metavar="RUN_DIR", help="the run folder (default runs/<dataset>-<model>-<time>)")
+    add("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    add("--quiet", action="store_true", default=None, help="no progress bar")
+
+
+_FLAG_OPTIONS = ("model", "dataset", "data_dir", "download", "epochs", "batch_size", "lr", "milestones",
+                 "weight_decay", "drop_rate", "augment", "input_size", "seed", "device", "workers", "threads", "amp",
+                 "channels_last", "memory_efficient", "init", "out", "quiet")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name, None) for name in _FLAG_OPTIONS}
+    train(recipe=args.config, overrides=overrides, resume=args.resume)
+    return 0
+
+
+def _resolve_device(options: TrainOptions) -> torch.device:
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but CUDA is not available here; use --device cpu or auto")
+    device = torch.device("cuda" if options.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    if options.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs CUDA (its gradient scaler); on CPU use --amp bf16 or none")
+    return device
+
+
+def _build_model(options: TrainOptions, data: Data) -> torch.nn.Module:
+    model = create_model(options.model, num_classes=data.num_classes, in_chans=data.in_chans,
+                         drop_rate=options.drop_rate, memory_efficient=options.memory_efficient)
+    if options.init:
+        from densenet.models.weights import load_into, read_state_dict
+
+        state = read_state_dict(options.init)
+        own = model.state_dict()
+        # Fine-tuning on other classes: keep everything but a classifier of the wrong size.
+        state = {k: v for k, v in state.items() if not (k.startswith("classifier.") and k in own
+                                                          and v.shape != own[k].shape)}
+        strict = all(k in state for k in own)
+        load_into(model, state, source=options.init, strict=strict)
+        missing = [k for k in own if k not in state]
+        if missing and not all(k.startswith("classifier.") for k in missing):
+            raise DenseNetError(f"--init {options.init} does not fit {options.model}: {len(missing)} tensors "
+                                f"missing (e.g. {missing[0]})")
+    return model
+
+
+def _metadata(options: TrainOptions, data: Data, model: torch.nn.Module) -> dict[str, Any]:
+    return {"model": options.model, "config": dict(model.config), "classes": list(data.classes),
+            "mean": list(data.mean), "std": list(data.std), "input_size": int(data.input_size),
+            "dataset": data.name, "memory_efficient": False}
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Every random number of an epoch follows from (seed, epoch, rank): a resumed run repeats them exactly."""
+    s = epoch_seed(seed, epoch, rank)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
+          resume: str | None = None) -> dict[str, Any]:
+    """Run (or continue) a training; returns the final summary. Raises DenseNetError on bad input."""
+    checkpoint = None
+    if resume:
+        run_dir = Path(resume)
+        path = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        if path is None:
+            raise DenseNetError(f"--resume {run_dir}: no readable {LAST} there (is it a run folder?)")
+        checkpoint = load_checkpoint(path)
+        overrides = {k: v for k, v in (overrides or {}).items() if k != "out"}
+        options = resolve_options(recipe, overrides, base=checkpoint["config"])
+    else:
+        options = resolve_options(recipe, overrides)
+    device = _resolve_device(options)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    info, device = distributed.setup(device)
+    try:
+        return _train(options, device, info, checkpoint, Path(resume) if resume else None)
+    finally:
+        distributed.cleanup()
+
+
+def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, checkpoint: dict | None,
+           run_dir: Path | None) -> dict[str, Any]:
+    per_rank = distributed.per_rank_batch(options.batch_size, info)
+    data = load_data(options.dataset, options.data_dir, augment=options.augment, download=bool(options.download),
+                     input_size=options.input_size, seed=options.seed)
+    torch.manual_seed(options.seed)
+    model = _build_model(options, data).to(device)
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, options)
+    scheduler = build_scheduler(optimizer, options)
+    scaler = torch.amp.GradScaler("cuda") if options.amp == "fp16" else None
+    start_epoch, history, best = 0, [], {"metric": "val_error" if data.val is not None else "test_error",
+                                         "value": math.inf, "epoch": 0}
+    if checkpoint is not None:
+        from densenet.models.weights import load_into
+
+        load_into(model, checkpoint["model"], source=f"{run_dir}/{LAST}")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, history, best = int(checkpoint["epoch"]), list(checkpoint["history"]), dict(checkpoint["best"])
+    if start_epoch >= options.epochs:
+        raise ConfigError(f"the run in {run_dir} already finished {start_epoch} epochs; "
+                          f"pass a larger --epochs to continue it")
+    net = model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    train_batches = Batches(data, data.train, per_rank, info, device, train=True,
+                            augment=options.augment == "standard", seed=options.seed, workers=options.workers,
+                            channels_last=options.channels_last)
+    eval_batches = {name: Batches(data, split, per_rank * 2, info, device, train=False, workers=options.workers,
+                                  channels_last=options.channels_last)
+                    for name, split in (("val", data.val), ("test", data.test)) if split is not None}
+    if run_dir is None:
+        run_dir = run_folder.new_run_dir(options.out, options.dataset, options.model)
+    metadata = _metadata(options, data, model)
+    board = None
+    if info.is_main:  # created only now, after every option and the data were checked
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.write_config(run_dir, options.to_dict())
+        board = run_folder.TensorBoard(run_dir)
+        _say(f"training {options.model} on {options.dataset} ({len(data.train)} images, {data.num_classes} "
+             f"classes) for {options.epochs} epochs on {device}"
+             + (f" x {info.world_size} processes" if info.enabled else "") + f" -> {run_dir}")
+    try:
+        for epoch in range(start_epoch, options.epochs):
+            _seed_epoch(options.seed, epoch, info.rank)
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_one_epoch(net, train_batches, optimizer, epoch, device, info, options.amp, scaler,
+                                    options.quiet, options.epochs)
+            scheduler.step()
+            results = {name: evaluate(net, b, device, info, options.amp) for name, b in eval_batches.items()}
+            row = _row(epoch, lr, stats, results)
+            history.append(row)
+            improved = row[best["metric"]] < best["value"]
+            if improved:
+                best = {"metric": best["metric"], "value": row[best["metric"]], "epoch": epoch + 1}
+            if info.is_main:
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                         "epoch": epoch + 1, "config": options.to_dict(), "rng": _rng_state(), "best": best,
+                         "history": history, "metadata": metadata, "model_config": dict(model.config)}
+                save_checkpoint(run_dir / LAST, state)
+                if improved:
+                    save_checkpoint(run_dir / BEST, state)
+                run_folder.write_metrics(run_dir, history)
+                board.log(row)
+                if stats.seconds > 20:
+                    run_folder.write_curves(run_dir, history, f"{options.model} on {options.dataset}")
+                _say(_summary(row, options.epochs, stats))
+            distributed.barrier(info)
+    finally:
+        if board is not None:
+            board.close()
+    return _finish(options, model, data, run_dir, history, best, metadata, info)
+
+
+def _row(epoch: int, lr: float, stats: Stats, results: dict[str, Stats]) -> dict[str, float]:
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_error": stats.error,
+           "test_error": results["test"].error, "test_top5_error": results["test"].top5_error,
+           "seconds": round(stats.seconds + sum(r.seconds for r in results.values()), 2)}
+    if "val" in results:
+        row["val_error"] = results["val"].error
+    return row
+
+
+def _summary(row: dict[str, float], epochs: int, stats: Stats) -> str:
+    val = f"  val error {row['val_error']:.2f}%" if "val_error" in row else ""
+    return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f}  "
+            f"train error {row['train_error']:.2f}%{val}  test error {row['test_error']:.2f}%  "
+            f"{row['seconds']:.0f}s ({stats.n / max(stats.seconds, 1e-9):.0f} img/s)")
+
+
+def _finish(options: TrainOptions, model: torch.nn.Module, data: Data, run_dir: Path, history: list[dict],
+            best: dict, metadata: dict, info: distributed.Dist) -> dict[str, Any]:
+    from densenet.models.weights import save_weights
+
+    final = history[-1]
+    reported = final
+    if data.val is not None:  # the paper (SVHN): the test error of the epoch with the lowest validation error
+        reported = history[best["epoch"] - 1]
+        if info.is_main and best["epoch"] != final["epoch"]:
+            model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
+    summary = {"run_dir": str(run_dir), "epoch": reported["epoch"], "test_error": reported["test_error"],
+               "test_top5_error": reported["test_top5_error"], "paper_error": options.info.get("paper_error")}
+    if info.is_main:
+        save_weights(model, run_dir / "model.safetensors", metadata)
+        run_folder.write_curves(run_dir, history, f"{options.model} on {options.dataset}")
+        which = f" (epoch {reported['epoch']}, lowest validation error)" if data.val is not None else ""
+        paper = f"; the paper reports {summary['paper_error']}%" if summary["paper_error"] is not None else ""
+        _say(f"test error {reported['test_error']:.2f}%{which}{paper}; weights in {run_dir / 'model.safetensors'}")
+    return summary
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+if __name__ == "__main__":  # python -m densenet.training.train ... (the same flags as densenet train)
+    import sys
+
+    from densenet.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
