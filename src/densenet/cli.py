@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("densenet.analysis.commands", "every named model with its parameters and MACs"),
     "summary": ("densenet.analysis.commands", "a model as the paper's Table 1, with parameters and MACs"),
+    "train": ("densenet.training.train", "train a DenseNet with the paper's protocol (default: digits, built in)"),
+    "evaluate": ("densenet.training.evaluate", "top-1/top-5 error of a run folder or weights file on a data set"),
     "bench": ("densenet.bench.commands", "benchmarks: speed against torchvision, training memory"),
 }
 
