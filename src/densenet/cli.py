@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "summary": ("densenet.analysis.commands", "a model as the paper's Table 1, with parameters and MACs"),
     "train": ("densenet.training.train", "train a DenseNet with the paper's protocol (default: digits, built in)"),
     "evaluate": ("densenet.training.evaluate", "top-1/top-5 error of a run folder or weights file on a data set"),
+    "predict": ("densenet.deploy.predict", "top-k classes of image files from a weights file or run folder"),
+    "export": ("densenet.deploy.export", "a trained model as ONNX, TorchScript or torch.export, checked"),
+    "analyze": ("densenet.analysis.reuse", "analyses of a trained model: reuse (the paper's Figure 5)"),
+    "report": ("densenet.analysis.report", "runs as the paper's Tables 2/3 and Figures 3/4, in Markdown"),
     "bench": ("densenet.bench.commands", "benchmarks: speed against torchvision, training memory"),
 }
 

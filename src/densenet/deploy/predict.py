@@ -1,0 +1,171 @@
+"""``densenet predict WEIGHTS_OR_RUN_DIR IMAGE_OR_FOLDER...``: the top-k classes of image files.
+
+    densenet predict runs/digits my_digit.png             # top 5 classes with probabilities
+    densenet predict model.safetensors photos/ --top-k 1 --json
+
+Everything comes from the weights file's metadata: the class names, the input size, the channels
+(a grayscale model gets grayscale images), the normalisation, and the evaluation preprocessing of the
+data set it was trained on:
+
+- small in-memory sets (digits, CIFAR, SVHN): the image is resized to input_size x input_size (bicubic,
+  as ``densenet.data.folders.decode_all`` does) — plain resizing, no crop;
+- ImageNet and image folders: short side resized to input_size * 256/224, centre crop (``eval_transform``).
+
+Any common image file works (grayscale, RGBA, palette, CMYK, 16-bit are converted by ``load_image``); a
+missing or broken file stops the command with one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from densenet.data.images import IMAGE_EXTENSIONS, load_image
+from densenet.errors import DenseNetError
+
+# Data sets whose evaluation resizes the whole image to the input size (densenet.data.datasets' in-memory ones).
+_PLAIN_RESIZE = {"digits", "cifar10", "cifar100", "svhn"}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """An image file -> the (C, H, W) float tensor the model was evaluated on."""
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    grayscale: bool
+    centre_crop: bool  # ImageNet style (resize 256/224, centre crop) rather than a plain resize
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> Preprocess:
+        config = metadata["config"]
+        channels = int(config.get("in_chans", 3))
+        size = int(metadata.get("input_size") or (224 if config.get("stem") == "imagenet" else 32))
+        mean = list(metadata.get("mean") or [0.0] * channels)
+        std = list(metadata.get("std") or [1.0] * channels)
+        if len(mean) == 1:
+            mean, std = mean * channels, std * channels
+        if len(mean) != channels or len(std) != channels:
+            raise DenseNetError(f"the weights' metadata has {len(mean)} mean values for a {channels}-channel model")
+        dataset = str(metadata.get("dataset") or "")
+        crop = dataset not in _PLAIN_RESIZE and (dataset != "" or config.get("stem") == "imagenet")
+        return cls(size, tuple(map(float, mean)), tuple(map(float, std)), channels == 1, crop)
+
+    def __call__(self, path: str | Path) -> Tensor:
+        image = load_image(path, mode="L" if self.grayscale else "RGB")
+        if self.centre_crop:
+            from densenet.data.folders import eval_transform
+
+            return eval_transform(self.input_size, list(self.mean), list(self.std))(image)
+        if image.size != (self.input_size, self.input_size):
+            image = image.resize((self.input_size, self.input_size), resample=3)  # bicubic, as decode_all
+        array = np.array(image, dtype=np.uint8)  # (H, W) or (H, W, C), a writable copy
+        pixels = torch.from_numpy(array[None] if self.grayscale else np.ascontiguousarray(array.transpose(2, 0, 1)))
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
+
+
+@dataclass
+class Prediction:
+    image: str
+    classes: list[tuple[int, str, float]]  # (index, name, probability), most probable first
+
+    def as_json(self) -> dict[str, Any]:
+        return {"image": self.image,
+                "predictions": [{"index": i, "class": name, "probability": p} for i, name, p in self.classes]}
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """The files given, and the image files (by extension) anywhere under the folders given, in order."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise DenseNetError(f"folder {item} holds no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+            found += files
+        elif item.exists():
+            found.append(item)  # named explicitly: tried whatever its extension (load_image says if it is no image)
+        else:
+            raise DenseNetError(f"cannot read image {item}: no such file or folder")
+    return found
+
+
+def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[str | Path], top_k: int = 5,
+            device: str | torch.device = "cpu", batch_size: int = 32) -> Iterator[Prediction]:
+    """Top-k predictions for each image file, in order, a batch at a time."""
+    preprocess = Preprocess.from_metadata(metadata)
+    num_classes = int(metadata["config"]["num_classes"])
+    if num_classes <= 0:
+        raise DenseNetError("this model has no classifier (num_classes 0): nothing to predict")
+    classes = list(metadata.get("classes") or [str(i) for i in range(num_classes)])
+    if len(classes) != num_classes:
+        raise DenseNetError(f"the weights' metadata names {len(classes)} classes for a {num_classes}-class model")
+    k = min(top_k, num_classes)
+    model = model.to(device).eval()
+    for start in range(0, len(images), batch_size):
+        paths = images[start:start + batch_size]
+        batch = torch.stack([preprocess(p) for p in paths]).to(device)
+        with torch.inference_mode():
+            probabilities = torch.softmax(model(batch).float(), dim=1).cpu()
+        values, indices = probabilities.topk(k, dim=1)
+        for path, vals, idxs in zip(paths, values.tolist(), indices.tolist(), strict=True):
+            yield Prediction(str(path), [(i, classes[i], v) for i, v in zip(idxs, vals, strict=True)])
+
+
+def resolve_device(name: str) -> torch.device:
+    """cpu, cuda, cuda:N, mps or auto (cuda when there is one) -> a device that exists here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DenseNetError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DenseNetError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DenseNetError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DenseNetError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth) or a run folder")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from densenet.models.weights import load_weights
+
+    if args.top_k < 1:
+        raise DenseNetError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise DenseNetError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    images = find_images(args.images)  # every path checked before the model is loaded
+    model, metadata = load_weights(args.weights)
+    for prediction in predict(model, metadata, images, args.top_k, device, args.batch_size):
+        if args.json:
+            print(json.dumps(prediction.as_json()))
+        else:
+            print(prediction.image)
+            for index, name, probability in prediction.classes:
+                print(f"  {probability:8.4f}  {name} ({index})")
+        sys.stdout.flush()
+    return 0
