@@ -21,3 +21,11 @@ lint: install
 
 test: install lint
 	$(BIN)/python -m pytest -q --timeout=900
+
+# Real CIFAR-10 from ../shared/data/cifar10 (see README): extract once, then the short C10+ recipe on CPU.
+data/cifar10/train: ../shared/data/cifar10/cifar10-jpeg.tar.gz
+	mkdir -p data && tar xzf $< -C data && touch $@
+
+.PHONY: cifar10-quick
+cifar10-quick: install data/cifar10/train
+	$(BIN)/densenet train --config configs/cifar10_quick.yaml --out runs/cifar10-quick

@@ -105,6 +105,24 @@ def load_data(name: str, data_dir: str | Path | None = None, *, augment: Augment
     return _streamed(name, root, augment or "standard", input_size or DATASETS[name][1], train, ten_crop)
 
 
+def subset(split: Split, n: int, seed: int = 0) -> Split:
+    """A stratified random ``n`` of an in-memory split (the same for a given seed): for short runs."""
+    if n >= len(split):
+        return split
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    classes = int(split.labels.max()) + 1
+    per_class = -(-n // classes)
+    taken = torch.zeros(classes, dtype=torch.long)
+    keep = []
+    for i in order.tolist():
+        c = int(split.labels[i])
+        if taken[c] < per_class:
+            taken[c] += 1
+            keep.append(i)
+    index = torch.tensor(sorted(keep[:n]))
+    return Split(split.images[index], split.labels[index])
+
+
 def worker_error_message(exc: BaseException) -> str:
     """The original one-line message of an error re-raised from a DataLoader worker (which wraps it)."""
     text = str(exc).strip()
@@ -239,7 +257,7 @@ def _read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
         mat = scipy.io.loadmat(path)
         x = np.asarray(mat["X"], dtype=np.uint8)  # (32, 32, 3, N)
         y = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
         raise DenseNetError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else exc!r} "
                             f"(expected the official SVHN format 2 file with X (32, 32, 3, N) and y (N, 1))") from exc
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):

@@ -50,6 +50,7 @@ class TrainOptions:
     drop_rate: float | None = None
     augment: Literal["standard", "none"] | None = None
     input_size: int | None = None
+    train_subset: int | None = None  # a stratified random subset of the training images, for short runs
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
     workers: int = 4
@@ -89,6 +90,8 @@ class TrainOptions:
             raise ConfigError(f"--drop-rate must be in [0, 1), not {self.drop_rate}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, not {self.workers}")
+        if self.train_subset is not None:
+            _positive("train-subset", self.train_subset, int)
         if self.threads is not None:
             _positive("threads", self.threads, int)
         if self.input_size is not None:

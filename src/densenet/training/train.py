@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from densenet.data.datasets import DATASETS, Data, load_data
+from densenet.data.datasets import DATASETS, Data, load_data, subset
 from densenet.errors import ConfigError, DenseNetError
 from densenet.models import create_model
 from densenet.training import distributed, run_folder
@@ -46,6 +46,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--augment", choices=["standard", "none"], help="standard: the paper's (pad-crop-flip; ImageNet: "
         "fb.resnet.torch); default by data set")
     add("--input-size", type=int, help="image side for folder/imagenet (default 224)")
+    add("--train-subset", type=int, metavar="N", help="train on a stratified random N of the training images "
+        "(in-memory sets; for short runs)")
     add("--seed", type=int)
     add("--device", choices=["cpu", "cuda", "auto"])
     add("--workers", type=int, help="DataLoader workers for streamed data sets (default 4)")
@@ -61,8 +63,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _FLAG_OPTIONS = ("model", "dataset", "data_dir", "download", "epochs", "batch_size", "lr", "milestones",
-                 "weight_decay", "drop_rate", "augment", "input_size", "seed", "device", "workers", "threads", "amp",
-                 "channels_last", "memory_efficient", "init", "out", "quiet")
+                 "weight_decay", "drop_rate", "augment", "input_size", "train_subset", "seed", "device", "workers",
+                 "threads", "amp", "channels_last", "memory_efficient", "init", "out", "quiet")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -152,6 +154,10 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     per_rank = distributed.per_rank_batch(options.batch_size, info)
     data = load_data(options.dataset, options.data_dir, augment=options.augment, download=bool(options.download),
                      input_size=options.input_size, seed=options.seed)
+    if options.train_subset:
+        if not data.in_memory:
+            raise ConfigError(f"--train-subset is for the in-memory data sets (digits, cifar, svhn), not {data.name}")
+        data.train = subset(data.train, options.train_subset, options.seed)
     torch.manual_seed(options.seed)
     model = _build_model(options, data).to(device)
     if options.channels_last:

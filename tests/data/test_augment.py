@@ -1,0 +1,31 @@
+import torch
+
+from densenet.data.augment import channel_stats, normalize, pad_crop_flip
+
+
+def test_pad_crop_flip_is_a_crop_of_the_padded_image_and_reproducible():
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    out = pad_crop_flip(x, torch.Generator().manual_seed(3), padding=4)
+    again = pad_crop_flip(x, torch.Generator().manual_seed(3), padding=4)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert torch.equal(out, again)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    flipped = 0
+    for i in range(16):
+        crops = [padded[i, :, r:r + 8, c:c + 8] for r in range(9) for c in range(9)]
+        plain = any(torch.equal(out[i], crop) for crop in crops)
+        mirrored = any(torch.equal(out[i], crop.flip(-1)) for crop in crops)
+        assert plain or mirrored
+        flipped += mirrored and not plain
+    assert 0 < flipped < 16  # about half are flipped
+    assert not torch.equal(out, x)
+
+
+def test_normalize_and_channel_stats():
+    x = torch.zeros(4, 2, 3, 3, dtype=torch.uint8)
+    x[:, 1] = 255
+    mean, std = channel_stats(x)
+    assert mean == [0.0, 1.0] and std[0] < 1e-3
+    y = normalize(x, [0.5, 0.5], [0.5, 0.25])
+    assert torch.allclose(y[:, 0], torch.full_like(y[:, 0], -1.0))
+    assert torch.allclose(y[:, 1], torch.full_like(y[:, 1], 2.0))
