@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,18 +138,21 @@ def markdown(results: list[RunResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paper_points(dataset: str, augment: str) -> list[tuple[str, int, int, float]]:
-    """(model, params, MACs, error) of the paper's reported rows for one data set and augmentation."""
+@functools.cache
+def model_size(name: str, num_classes: int) -> tuple[int, int]:
+    """(parameters, MACs at the paper's input size) of a named model, from a shape-only copy."""
     from densenet.analysis.complexity import count_macs, count_parameters
     from densenet.models.registry import create_model
 
-    points = []
-    for (name, ds, aug), error in PAPER_ERRORS.items():
-        if (ds, aug) == (dataset, augment):
-            with torch.device("meta"):
-                model = create_model(name, num_classes=_NUM_CLASSES[ds])
-            points.append((name, count_parameters(model), count_macs(model), error))
-    return points
+    with torch.device("meta"):
+        model = create_model(name, num_classes=num_classes)
+    return count_parameters(model), count_macs(model)
+
+
+def paper_points(dataset: str, augment: str) -> list[tuple[str, int, int, float]]:
+    """(model, params, MACs, error) of the paper's reported rows for one data set and augmentation."""
+    return [(name, *model_size(name, _NUM_CLASSES[ds]), error)
+            for (name, ds, aug), error in PAPER_ERRORS.items() if (ds, aug) == (dataset, augment)]
 
 
 def plot(results: list[RunResult]) -> bytes:
