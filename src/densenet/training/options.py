@@ -29,8 +29,8 @@ DATASET_DEFAULTS: dict[str, tuple[str, int, int, list[int] | None]] = {
     "imagenet": ("densenet121", 90, 256, [30, 60]),
     "folder": ("densenet121", 90, 64, None),
 }
-# Keys a recipe may carry that describe it rather than set an option.
-RECIPE_INFO = ("paper_error", "paper_table", "paper_row", "description")
+# Keys a recipe may carry that describe it rather than set an option (and any paper_* key).
+RECIPE_INFO = ("description",)
 
 
 @dataclass
@@ -128,7 +128,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of option: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    info = {k: data.pop(k) for k in RECIPE_INFO if k in data}
+    info = {k: data.pop(k) for k in list(data) if k in RECIPE_INFO or k.startswith("paper_")}
     info.update(data.pop("info", None) or {})
     unknown = sorted(set(data) - FIELDS)
     if unknown:

@@ -1,0 +1,166 @@
+"""``densenet train`` / ``evaluate`` end to end on tiny models and the built-in digits (seconds each)."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from densenet.cli import main
+from densenet.models import create_model
+from densenet.models.weights import read_metadata, save_weights
+from densenet.training import train as train_module
+from densenet.training.checkpoint import load_checkpoint
+
+TINY = ["--model", "densenet_bc10_k4", "--batch-size", "128", "--quiet", "--threads", "1"]
+
+
+def train(*args):
+    return main(["train", *TINY, *map(str, args)])
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_folder_has_everything_and_evaluate_agrees(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--epochs", 2, "--out", run) == 0
+    out = capsys.readouterr().out
+    assert "epoch   2/2" in out and "test error" in out.splitlines()[-1]
+    for name in ("config.yaml", "metrics.csv", "curves.png", "checkpoint_last.pt", "checkpoint_best.pt",
+                 "model.safetensors"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*"))
+    assert not list(run.glob(".tmp-*"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"] == "densenet_bc10_k4" and config["dataset"] == "digits" and config["epochs"] == 2
+    table = rows(run)
+    assert [r["epoch"] for r in table] == ["1", "2"]
+    assert {"epoch", "lr", "train_loss", "train_error", "test_error", "seconds"} <= set(table[0])
+    assert float(table[0]["lr"]) == pytest.approx(0.1) and float(table[1]["lr"]) == pytest.approx(0.01)
+    meta = read_metadata(run / "model.safetensors")
+    assert meta["model"] == "densenet_bc10_k4" and meta["dataset"] == "digits" and meta["classes"][3] == "3"
+    assert meta["input_size"] == 8 and len(meta["mean"]) == 1 and meta["config"]["in_chans"] == 1
+    state = load_checkpoint(run / "checkpoint_last.pt")
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "rng", "best"} <= set(state)
+    assert state["epoch"] == 2
+
+    assert main(["evaluate", "--checkpoint", str(run), "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 360
+    assert result["top1_error"] == pytest.approx(float(table[-1]["test_error"]), abs=1e-3)
+    assert 0 <= result["top5_error"] <= result["top1_error"]
+
+
+def test_resume_after_any_epoch_gives_exactly_the_uninterrupted_weights(tmp_path, monkeypatch):
+    common = ["--epochs", 3, "--seed", 7, "--augment", "standard", "--drop-rate", 0.1, "--device", "cpu"]
+    assert train(*common, "--out", tmp_path / "a") == 0
+
+    real = train_module.train_one_epoch
+    stop_at = {"epoch": 1}
+
+    def interrupted(model, batches, optimizer, epoch, *args, **kwargs):
+        if epoch == stop_at["epoch"]:
+            raise KeyboardInterrupt
+        return real(model, batches, optimizer, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    b = tmp_path / "b"
+    assert train(*common, "--out", b) == 130  # Ctrl-C during epoch 2
+    assert load_checkpoint(b / "checkpoint_last.pt")["epoch"] == 1 and not (b / "model.safetensors").exists()
+    stop_at["epoch"] = 2
+    assert main(["train", "--resume", str(b), "--quiet"]) == 130  # resumed, then interrupted during epoch 3
+    stop_at["epoch"] = -1
+    assert main(["train", "--resume", str(b), "--quiet"]) == 0
+
+    a_weights, b_weights = load_file(tmp_path / "a" / "model.safetensors"), load_file(b / "model.safetensors")
+    assert a_weights.keys() == b_weights.keys()
+    for key in a_weights:
+        assert torch.equal(a_weights[key], b_weights[key]), key
+    drop_time = [{k: v for k, v in r.items() if k != "seconds"} for r in rows(tmp_path / "a")]
+    assert drop_time == [{k: v for k, v in r.items() if k != "seconds"} for r in rows(b)]
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train_module.train_one_epoch
+
+    def poisoned(model, batches, optimizer, epoch, *args, **kwargs):
+        if epoch == 1:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real(model, batches, optimizer, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", poisoned)
+    run = tmp_path / "run"
+    assert train("--epochs", 3, "--out", run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch 2, step 1" in err[0] and "nan" in err[0]
+    assert load_checkpoint(run / "checkpoint_last.pt")["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(run / "checkpoint_last.pt")["model"].values())
+    assert not (run / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--epochs", "0"], "--epochs"),
+    (["--dataset", "mnist"], "unknown data set 'mnist'"),
+    (["--dataset", "cifar10", "--data-dir", "{tmp}/nothing"], "cifar-10-batches-py"),
+    (["--amp", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
+    (["--config", "{tmp}/missing.yaml"], "does not exist"),
+    (["--model", "densenet_bc11_k4"], "depth 11"),
+    (["--init", "{tmp}/missing.safetensors"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_no_run_folder(tmp_path, capsys, args, words):
+    run = tmp_path / "run"
+    code = main(["train", "--quiet", "--epochs", "1", "--out", str(run),
+                 *[a.replace("{tmp}", str(tmp_path)) for a in args]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("densenet train: error:") and words in err[0]
+    assert not run.exists()
+
+
+def test_existing_run_is_not_overwritten_and_resume_checks_the_architecture(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--epochs", 1, "--out", run) == 0
+    assert train("--epochs", 1, "--out", run) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--model", "densenet_bc16_k4", "--quiet"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "already finished 1 epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+
+
+def test_init_fine_tunes_with_a_new_classifier_and_refuses_another_architecture(tmp_path, capsys):
+    source = create_model("densenet_bc10_k4", num_classes=5, in_chans=1)
+    save_weights(source, tmp_path / "five.safetensors", {"model": "densenet_bc10_k4", "classes": list("abcde")})
+    assert train("--epochs", 1, "--lr", 1e-9, "--out", tmp_path / "run", "--init", tmp_path / "five.safetensors") == 0
+    tuned = load_file(tmp_path / "run" / "model.safetensors")
+    assert torch.allclose(tuned["features.conv0.weight"], source.features.conv0.weight, atol=1e-6)
+    assert tuned["classifier.weight"].shape[0] == 10
+    other = create_model("densenet_bc16_k4", num_classes=10, in_chans=1)
+    save_weights(other, tmp_path / "other.safetensors", {"model": "densenet_bc16_k4"})
+    assert train("--epochs", 1, "--out", tmp_path / "run2", "--init", tmp_path / "other.safetensors") == 2
+    assert "does not fit" in capsys.readouterr().err and not (tmp_path / "run2").exists()
+
+
+def test_bf16_channels_last_memory_efficient_train(tmp_path):
+    assert train("--epochs", 1, "--amp", "bf16", "--channels-last", "--memory-efficient", "--out", tmp_path / "r") == 0
+    assert float(rows(tmp_path / "r")[0]["train_loss"]) > 0
+
+
+def test_evaluate_errors(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    model = create_model("densenet_bc10_k4", num_classes=10, in_chans=1)
+    save_weights(model, tmp_path / "w.safetensors", {"model": "densenet_bc10_k4"})
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "w.safetensors")]) == 2
+    assert "pass --dataset" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "w.safetensors"), "--dataset", "digits",
+                 "--ten-crop"]) == 2
+    assert "--ten-crop is for imagenet" in capsys.readouterr().err
