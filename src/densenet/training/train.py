@@ -189,8 +189,9 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     eval_batches = {name: Batches(data, split, per_rank * 2, info, device, train=False, workers=options.workers,
                                   channels_last=options.channels_last)
                     for name, split in (("val", data.val), ("test", data.test)) if split is not None}
-    if run_dir is None:
-        run_dir = run_folder.new_run_dir(options.out, options.dataset, options.model)
+    if run_dir is None:  # only rank 0 writes (or checks) the folder; a rank checking after rank 0 wrote would fail
+        run_dir = (run_folder.new_run_dir(options.out, options.dataset, options.model) if info.is_main
+                   else Path(options.out or "runs"))
     metadata = _metadata(options, data, model)
     board = None
     if info.is_main:  # created only now, after every option and the data were checked
@@ -207,7 +208,8 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
             stats = train_one_epoch(net, train_batches, optimizer, epoch, device, info, options.amp, scaler,
                                     options.quiet, options.epochs)
             scheduler.step()
-            results = {name: evaluate(net, b, device, info, options.amp) for name, b in eval_batches.items()}
+            # The bare model: ranks may see different numbers of test batches, and DDP's forward would sync.
+            results = {name: evaluate(model, b, device, info, options.amp) for name, b in eval_batches.items()}
             row = _row(epoch, lr, stats, results)
             history.append(row)
             improved = row[best["metric"]] < best["value"]

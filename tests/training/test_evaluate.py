@@ -1,0 +1,58 @@
+"""``densenet evaluate`` on streamed folders: single centre crop and ten-crop, top-1 and top-5 as JSON."""
+
+import json
+
+import torch
+
+from densenet.cli import main
+from densenet.models import DenseNet
+from densenet.models.weights import save_weights
+from densenet.training.evaluate import evaluate_weights
+from tests.data import formats
+
+
+def _tiny_imagenet_form(tmp_path, classes):
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8, bottleneck_width=4,
+                     compression=0.5, stem="imagenet", num_classes=len(classes))
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path, {"model": "tiny", "classes": classes, "mean": [0.485, 0.456, 0.406],
+                               "std": [0.229, 0.224, 0.225], "input_size": 32, "dataset": "folder"})
+    return model, path
+
+
+def test_single_and_ten_crop_on_a_folder(tmp_path, capsys):
+    classes = ["a", "b", "c", "d", "e", "f"]
+    formats.write_class_folders(tmp_path / "data" / "val", classes, 2, size=(48, 40), ext=".jpg")
+    model, path = _tiny_imagenet_form(tmp_path, classes)
+    assert main(["evaluate", "--checkpoint", str(path), "--data-dir", str(tmp_path / "data"), "--json",
+                 "--workers", "0", "--device", "cpu"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["n"] == 12 and single["dataset"] == "folder" and not single["ten_crop"]
+    assert 0 <= single["top5_error"] <= single["top1_error"] <= 100
+    ten = evaluate_weights(str(path), data_dir=str(tmp_path / "data"), workers=0, device="cpu", ten_crop=True)
+    assert ten["n"] == 12 and ten["ten_crop"]
+
+    # the oracle: resize 37 (= 32 * 256 / 224), crops by torchvision, softmax averaged by hand
+    from torchvision import transforms
+
+    from densenet.data.images import load_image
+
+    norm = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406],
+                                                                           [0.229, 0.224, 0.225])])
+    model.eval()
+    hits = 0
+    for label, name in enumerate(classes):
+        for j in range(2):
+            img = transforms.Resize(37)(load_image(tmp_path / "data" / "val" / name / f"{j:04d}.jpg"))
+            crops = torch.stack([norm(c) for c in transforms.TenCrop(32)(img)])
+            with torch.no_grad():
+                hits += int(model(crops).softmax(-1).mean(0).argmax() == label)
+    assert ten["top1_error"] == round(100 * (1 - hits / 12), 4)
+
+
+def test_class_count_mismatch_is_refused(tmp_path, capsys):
+    formats.write_class_folders(tmp_path / "data" / "val", ["a", "b", "c"], 1, size=(40, 40))
+    _, path = _tiny_imagenet_form(tmp_path, ["a", "b"])
+    assert main(["evaluate", "--checkpoint", str(path), "--data-dir", str(tmp_path / "data"), "--workers", "0"]) == 2
+    assert "2 classes but folder has 3" in capsys.readouterr().err
