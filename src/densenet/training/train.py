@@ -133,6 +133,8 @@ def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
         run_dir = Path(resume)
         path = latest_checkpoint(run_dir) if run_dir.is_dir() else None
         if path is None:
+            if (run_dir / LAST).is_file():
+                load_checkpoint(run_dir / LAST)  # raises why it is unusable: torn, or unsafe to unpickle
             raise DenseNetError(f"--resume {run_dir}: no readable {LAST} there (is it a run folder?)")
         checkpoint = load_checkpoint(path)
         overrides = {k: v for k, v in (overrides or {}).items() if k != "out"}
