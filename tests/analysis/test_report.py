@@ -33,7 +33,7 @@ def make_run(folder, model, options: dict, errors: list[float], val_errors: list
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    model, _ = train_tiny(root / "trained", steps=20)
+    model, _ = train_tiny(root / "trained")
     # A run with the paper's error in its recipe, one looked up in the table, one with a validation column.
     make_run(root / "recipe", model, dict(dataset="digits", model="densenet_bc16_k4", epochs=4,
                                           info={"paper_error": 1.5}), [30.0, 10.0, 4.0])

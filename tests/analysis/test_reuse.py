@@ -68,7 +68,7 @@ def test_the_matrix_is_the_mean_absolute_weight_of_each_connection(bottleneck_wi
 
 
 def test_analyze_reuse_on_a_trained_model_writes_png_and_csv(tmp_path, capsys):
-    model, _ = train_tiny(tmp_path / "run", steps=20)
+    model, _ = train_tiny(tmp_path / "run")
     out = tmp_path / "figure5"
     assert main(["analyze", "reuse", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert "block 3: 2 layers" in capsys.readouterr().out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,19 @@ def digit_images(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images), torch.from_numpy(y[:n]).long()
 
 
-def train_tiny(folder: Path, steps: int = 40) -> tuple[densenet.DenseNet, dict]:
-    """densenet_bc16_k4 (k=4, 2 bottleneck layers per block) after ``steps`` SGD steps, in folder/model.safetensors."""
+def train_tiny(folder: Path) -> tuple[densenet.DenseNet, dict]:
+    """densenet_bc16_k4 (k=4, 2 bottleneck layers per block) after 40 SGD steps, saved as folder/model.safetensors.
+
+    Trained once per test process; every caller gets its own copy.
+    """
+    model, metadata = _trained()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(model, folder / "model.safetensors", metadata)
+    return copy.deepcopy(model), dict(metadata)
+
+
+@functools.cache
+def _trained(steps: int = 40) -> tuple[densenet.DenseNet, dict]:
     torch.manual_seed(0)
     images, labels = digit_images(512)
     mean, std = channel_stats(images)
@@ -43,6 +56,4 @@ def train_tiny(folder: Path, steps: int = 40) -> tuple[densenet.DenseNet, dict]:
     model.eval()
     metadata = {"model": "densenet_bc16_k4", "classes": [str(d) for d in range(10)], "mean": mean, "std": std,
                 "input_size": 8, "dataset": "digits"}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_weights(model, folder / "model.safetensors", metadata)
     return model, metadata
