@@ -13,8 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/densenet list
-	$(BIN)/densenet summary densenet121
+	$(BIN)/densenet train
 
 lint: install
 	$(BIN)/ruff check .

@@ -205,8 +205,8 @@ def _unpickle(path: Path) -> dict:
 
 
 def _cifar_images(name: str, tree: Path, train: bool) -> Data:
-    classes, train_samples = folders.scan(tree / "train")
-    _, test_samples = folders.scan(tree / "test", classes)
+    classes, train_samples = folders.scan(tree / "train") if train or (tree / "train").is_dir() else (None, [])
+    classes, test_samples = folders.scan(tree / "test", classes)
     if train:
         train_split = _split(*folders.decode_all(tree / "train", train_samples, 32, cache_name=f"{name}-train"))
         mean, std = channel_stats(train_split.images)
