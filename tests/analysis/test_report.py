@@ -37,7 +37,8 @@ def runs(tmp_path_factory):
     # A run with the paper's error in its recipe, one looked up in the table, one with a validation column.
     make_run(root / "recipe", model, dict(dataset="digits", model="densenet_bc16_k4", epochs=4,
                                           info={"paper_error": 1.5}), [30.0, 10.0, 4.0])
-    make_run(root / "table", model, dict(dataset="cifar10", model="densenet40_k12", epochs=3, augment="standard"),
+    make_run(root / "table", model, dict(dataset="cifar10", model="densenet40_k12", epochs=3, augment="standard",
+                                         train_subset=1000),
              [50.0, 20.0, 9.25])
     make_run(root / "svhn", model, dict(dataset="svhn", model="densenet_bc16_k4", epochs=3),
              [5.0, 3.0, 3.5], val_errors=[6.0, 2.0, 2.5])
@@ -63,7 +64,8 @@ def test_report_command_prints_markdown_and_writes_the_plots(runs, tmp_path, cap
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| run")]
     assert len(rows) == 3
-    assert re.search(r"\| table \| densenet40_k12 \| C10\+ \| 3 \| .* \| 9\.25 \| 5\.24 \| \+4\.01 \|", printed)
+    assert re.search(r"\| table \| densenet40_k12 \| C10\+ \| 3 on 1,000 images \| .* \| 9\.25 \| 5\.24 \| \+4\.01 \|",
+                     printed)
     assert "| recipe | densenet_bc16_k4 | digits | 3 of 4 |" in printed
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     written = (out / "report.md").read_text()

@@ -62,6 +62,7 @@ class RunResult:
     augment: str
     epochs_done: int
     epochs_planned: int
+    train_subset: int | None  # a run on part of the training set says so
     params: int
     macs: int
     error: float
@@ -109,7 +110,9 @@ def read_run(run_dir: str | Path) -> RunResult:
     if paper is None:
         paper = PAPER_ERRORS.get((name, dataset, augment))
     input_size = metadata.get("input_size") or config.get("input_size")
+    subset = config.get("train_subset")
     return RunResult(run_dir.name, name, dataset, augment, len(rows), int(config.get("epochs") or len(rows)),
+                     int(subset) if subset else None,
                      count_parameters(model), count_macs(model, input_size), error, rule,
                      None if paper is None else float(paper))
 
@@ -127,6 +130,7 @@ def markdown(results: list[RunResult]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         epochs = f"{r.epochs_done}" + (f" of {r.epochs_planned}" if r.epochs_done != r.epochs_planned else "")
+        epochs += f" on {r.train_subset:,} images" if r.train_subset else ""
         paper = "–" if r.paper_error is None else f"{r.paper_error:.2f}"
         diff = "–" if r.difference is None else f"{r.difference:+.2f}"
         lines.append(f"| {r.run} | {r.model} | {paper_label(r.dataset, r.augment)} | {epochs} | {_millions(r.params)} "

@@ -146,7 +146,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image and line")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=32)
 
 
