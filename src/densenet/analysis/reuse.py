@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,8 +118,10 @@ def plot(blocks: list[BlockReuse], title: str = "") -> bytes:
         data = np.ma.masked_invalid(r.mean_abs[:, :columns])
         image = ax.imshow(data, cmap="jet", interpolation="nearest", aspect="equal")
         last = "T" if "transition" in r.targets[-1] else ("C" if r.targets[-1] == "classifier" else "")
-        step = max(1, (r.num_layers + 1) // 12)
-        xticks = list(range(0, columns, step))
+        step = math.ceil((r.num_layers + 1) / 13)  # every layer up to L = 12 (the paper's), fewer beyond
+        xticks = sorted(set(range(0, columns - 1, step)) | {columns - 1})
+        if step > 1 and columns - 2 in xticks:
+            xticks.remove(columns - 2)  # keep the T/C label clear of its neighbour
         ax.set_xticks(xticks, [str(i + 1) if i < r.num_layers else last for i in xticks])
         ax.set_yticks(list(range(0, r.num_layers + 1, step)))
         ax.set_xlabel("target layer (ℓ)" + (";  T: transition" if last == "T" else ";  C: classifier"
