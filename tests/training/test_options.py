@@ -16,7 +16,9 @@ def test_paper_defaults_by_dataset():
     imagenet = TrainOptions(dataset="imagenet")
     assert (imagenet.epochs, imagenet.batch_size, imagenet.milestones, imagenet.model) == (90, 256, [30, 60],
                                                                                            "densenet121")
-    assert TrainOptions().model == "densenet_bc40_k12" and TrainOptions().dataset == "digits"
+    default = TrainOptions()
+    assert (default.model, default.dataset, default.epochs, default.milestones, default.threads) == (
+        "densenet_bc40_k12", "digits", 20, [10, 15], 1)
 
 
 @pytest.mark.parametrize("field, value, words", [

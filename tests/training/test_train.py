@@ -164,3 +164,17 @@ def test_evaluate_errors(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "w.safetensors"), "--dataset", "digits",
                  "--ten-crop"]) == 2
     assert "--ten-crop is for imagenet" in capsys.readouterr().err
+
+
+def test_streamed_folder_training(tmp_path):
+    from tests.data import formats
+
+    formats.write_class_folders(tmp_path / "data" / "train", ["cat", "dog"], 6, size=(24, 20), ext=".jpg")
+    formats.write_class_folders(tmp_path / "data" / "val", ["cat", "dog"], 2, size=(20, 24), ext=".jpg")
+    run = tmp_path / "run"
+    assert train("--dataset", "folder", "--data-dir", tmp_path / "data", "--input-size", 16, "--epochs", 2,
+                 "--batch-size", 4, "--workers", 0, "--out", run) == 0
+    table = rows(run)
+    assert len(table) == 2 and float(table[0]["test_error"]) in (0.0, 25.0, 50.0, 75.0, 100.0)
+    meta = read_metadata(run / "model.safetensors")
+    assert meta["classes"] == ["cat", "dog"] and meta["input_size"] == 16 and meta["dataset"] == "folder"

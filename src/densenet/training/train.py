@@ -24,7 +24,7 @@ from densenet.errors import ConfigError, DenseNetError
 from densenet.models import create_model
 from densenet.training import distributed, run_folder
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
-from densenet.training.engine import Batches, Stats, epoch_seed, evaluate, train_one_epoch
+from densenet.training.engine import Batches, NonFiniteLoss, Stats, epoch_seed, evaluate, train_one_epoch
 from densenet.training.options import TrainOptions, resolve_options
 from densenet.training.schedule import build_optimizer, build_scheduler
 
@@ -142,6 +142,7 @@ def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
     else:
         options = resolve_options(recipe, overrides)
     device = _resolve_device(options)
+    threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
     info, device = distributed.setup(device)
@@ -149,6 +150,7 @@ def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
         return _train(options, device, info, checkpoint, Path(resume) if resume else None)
     finally:
         distributed.cleanup()
+        torch.set_num_threads(threads)  # a caller in the same process (a notebook, the tests) keeps its setting
 
 
 def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, checkpoint: dict | None,
@@ -212,6 +214,10 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
             scheduler.step()
             # The bare model: ranks may see different numbers of test batches, and DDP's forward would sync.
             results = {name: evaluate(model, b, device, info, options.amp) for name, b in eval_batches.items()}
+            if not all(math.isfinite(r.loss) for r in results.values()):  # finite training loss, diverged weights
+                raise NonFiniteLoss(f"the {'/'.join(results)} loss became non-finite after epoch {epoch + 1}: the "
+                                    f"weights diverged; stopped without saving them, the last good checkpoint "
+                                    f"stays (try a lower --lr, or --amp none)")
             row = _row(epoch, lr, stats, results)
             history.append(row)
             improved = row[best["metric"]] < best["value"]
