@@ -28,6 +28,8 @@ def test_bench_speed_json_report(capsys):
             assert t["images_per_s"] == pytest.approx(r["batch_size"] / t["median_s"])
             assert t["peak_fraction"] == pytest.approx(t["flops_per_s"] / report["matmul_peak_flops"])
         assert r["ratio"] == pytest.approx(r["torchvision"]["median_s"] / r["ours"]["median_s"])
+        rounds = sorted(t / o for o, t in zip(r["ours"]["samples"], r["torchvision"]["samples"], strict=True))
+        assert r["paired_ratio"] == pytest.approx([rounds[1], rounds[0], rounds[2]])
     train = report["results"][0]["ours"]
     assert train["flops"] == 3 * 2 * report["macs_per_image"] * 4
 

@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 import densenet
+import densenet.models.densenet as densenet_module
 
 
 def _pair(drop_rate=0.0):
@@ -48,18 +49,24 @@ def test_training_step_equals_torchvision(channels_last):
         torch.testing.assert_close(b, buffers_b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_basic_layers_and_dropout_match_the_plain_concatenation():
+@pytest.mark.parametrize("name", ["densenet16_k4", "densenet_bc16_k4"])
+def test_basic_layers_and_dropout_match_the_plain_concatenation(name, monkeypatch):
+    # basic layers: norm2 reads the concatenation; dropout: the same draws in the same order
     torch.manual_seed(0)
-    model = densenet.create_model("densenet16_k4", drop_rate=0.2)  # basic layers: norm2 reads the concatenation
+    model = densenet.create_model(name, drop_rate=0.2)
     plain = copy.deepcopy(model)
     x = torch.randn(4, 3, 8, 8)
-    torch.manual_seed(1)
-    out = model(x)
-    out.sum().backward()
-    torch.manual_seed(1)
-    with torch.no_grad():  # no_grad takes the plain concatenation path; redo it with autograd by hand
-        expected = plain(x)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    results = []
+    for net, concat_free in ((model, True), (plain, False)):
+        monkeypatch.setattr(densenet_module, "_concat_free", lambda t, on=concat_free: on)
+        torch.manual_seed(1)
+        out = net(x)
+        out.square().sum().backward()
+        results.append((out, {n: p.grad for n, p in net.named_parameters()}))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_eval_mode_gradients_use_running_statistics():

@@ -90,9 +90,14 @@ class TaskResult:
     ours: Timing
     torchvision: Timing
     ratio: float = field(init=False)  # ours' throughput / torchvision's, from the median times
+    # The same ratio within each round (the two calls ran back to back), whose median shrugs off a load that
+    # changes between rounds: median, min, max.
+    paired_ratio: tuple[float, float, float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.ratio = self.torchvision.median_s / self.ours.median_s
+        rounds = [t / o for o, t in zip(self.ours.samples, self.torchvision.samples, strict=True)]
+        self.paired_ratio = (statistics.median(rounds), min(rounds), max(rounds))
 
 
 def _sync(device: torch.device) -> None:
@@ -172,6 +177,27 @@ def _input(batch: int, model: DenseNet, size: int, device: torch.device, channel
     return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
+_CATEGORIES = (("conv", ("conv", "mkldnn")), ("batch norm", ("batch_norm", "var_mean")),
+               ("concatenation/copy", ("cat", "copy_", "split", "narrow")), ("relu", ("relu", "threshold")),
+               ("optimizer", ("_foreach", "add_", "mul_", "addcmul", "lerp")))
+
+
+def profile_step(step: Callable[[], None], steps: int = 2) -> dict[str, float]:
+    """Seconds per call by kind of operator (torch.profiler's self CPU time): where a training step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    totals: dict[str, float] = {name: 0.0 for name, _ in _CATEGORIES} | {"other": 0.0}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = next((k for k, words in _CATEGORIES if any(w in name for w in words)), "other")
+        totals[kind] += event.self_cpu_time_total / 1e6 / steps
+    return totals
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Measure every task in ``args.tasks``; returns a JSON-ready dict (see ``format_markdown``)."""
     if args.threads:
@@ -189,6 +215,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     peak = matmul_peak(device, args.precision, args.matmul_size)
     train_batch = args.batch_size or (16 if size >= 128 else 64)
     results: list[TaskResult] = []
+    profiles: dict[str, dict[str, float]] = {}
     for task in args.tasks:
         batch = {"train": train_batch, "infer": args.infer_batch_size, "latency": 1}[task]
         x = _input(batch, ours, size, device, args.channels_last)
@@ -205,6 +232,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             calls = {"ours": _forward(engine, x, device, args.precision),
                      "torchvision": _forward(ref, x, device, args.precision)}
             flops = 2 * macs * batch
+        if task == "train" and args.profile:
+            profiles = {name: profile_step(call) for name, call in calls.items()}
         inner = 10 if task == "latency" else 1
         samples = _interleaved(calls, device, args.warmup, args.repeats, inner)
         timings = {name: Timing(samples[name], batch, flops).summarise(peak) for name in calls}
@@ -217,7 +246,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         machine=dict(processor=platform.processor() or platform.machine(), torch=torch.__version__,
                      gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
         matmul_peak_flops=peak, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        results=[asdict(r) for r in results],
+        results=[asdict(r) for r in results], train_profile=profiles,
     )
 
 
@@ -229,15 +258,22 @@ def format_markdown(report: dict) -> str:
              f"{s['threads']} threads, {s['device']}; matmul peak {report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; "
              f"median of {s['repeats']} (min-max)",
              "",
-             "| task | batch | ours img/s | torchvision img/s | ours/torchvision | ours % peak | torchvision % peak |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| task | batch | ours img/s | torchvision img/s | ours/torchvision | per round (min-max) | ours % peak "
+             "| torchvision % peak |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         o, t = r["ours"], r["torchvision"]
 
         def cell(x: dict) -> str:
             return f"{x['images_per_s']:.1f} ({x['images'] / x['max_s']:.1f}-{x['images'] / x['min_s']:.1f})"
-        lines.append(f"| {r['task']} | {r['batch_size']} | {cell(o)} | {cell(t)} | {r['ratio']:.2f}x | "
+        paired = "{:.2f}x ({:.2f}-{:.2f})".format(*r["paired_ratio"])
+        lines.append(f"| {r['task']} | {r['batch_size']} | {cell(o)} | {cell(t)} | {r['ratio']:.2f}x | {paired} | "
                      f"{100 * o['peak_fraction']:.0f}% | {100 * t['peak_fraction']:.0f}% |")
+    if report.get("train_profile"):
+        p = report["train_profile"]
+        lines += ["", "| training step, seconds by operator kind | ours | torchvision |", "|---|---:|---:|"]
+        for kind in p["ours"]:
+            lines.append(f"| {kind} | {p['ours'][kind]:.3f} | {p['torchvision'][kind]:.3f} |")
     return "\n".join(lines)
 
 
@@ -258,6 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", action="store_true", help="also break a training step down by operator kind")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square product timed for the peak")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the full report as JSON")

@@ -17,12 +17,9 @@ import time
 
 import torch
 
-from densenet.data.augment import normalize
-from densenet.data.datasets import load_data
 from densenet.errors import ConfigError
 from densenet.inference.engines import ENGINES, build_engine
 from densenet.models.densenet import DenseNet
-from densenet.models.weights import load_weights
 
 
 def evaluate_engines(model: DenseNet, images: torch.Tensor, labels: torch.Tensor, engines: list[str],
@@ -69,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densenet.data.augment import normalize
+    from densenet.data.datasets import load_data
+    from densenet.models.weights import load_weights
+
     if args.threads:
         torch.set_num_threads(args.threads)
     model, metadata = load_weights(args.weights)
