@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (DenseNetError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (DenseNetError, ValueError, OSError) as exc:  # OSError: a missing, read-only or full folder
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"densenet {args.command}: error: {message}", file=sys.stderr)
         return 2
