@@ -34,9 +34,16 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, si
     return root
 
 
-@pytest.fixture
-def image_folder(tmp_path) -> Path:
-    return make_image_folder(tmp_path / "data")
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A finished one-epoch run on a tiny CIFAR-style image tree: (data folder, run folder, an image)."""
+    from densenet.training.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_image_folder(root / "data", per_class=2, size=32)
+    train(overrides={"model": TINY_MODEL, "dataset": "cifar10", "data_dir": str(data), "epochs": 1,
+                     "batch_size": 4, "device": "cpu", "quiet": True, "out": str(root / "run")})
+    return data, root / "run", next((data / "test" / "cat").iterdir())
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -10,20 +10,8 @@ import shutil
 import pytest
 
 from densenet.training.checkpoint import BEST, LAST
-from tests.reliability.conftest import TINY_MODEL, assert_user_error, make_image_folder, run_cli
+from tests.reliability.conftest import TINY_MODEL, assert_user_error, run_cli
 from tests.training.test_checkpoint import write_malicious
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished one-epoch run on a tiny CIFAR-style image tree: (data folder, run folder, an image)."""
-    from densenet.training.train import train
-
-    root = tmp_path_factory.mktemp("trained")
-    data = make_image_folder(root / "data", per_class=2, size=32)
-    train(overrides={"model": TINY_MODEL, "dataset": "cifar10", "data_dir": str(data), "epochs": 1,
-                     "batch_size": 4, "device": "cpu", "quiet": True, "out": str(root / "run")})
-    return data, root / "run", next((data / "test" / "cat").iterdir())
 
 
 @pytest.fixture

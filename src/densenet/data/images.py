@@ -84,7 +84,7 @@ def _reason(path: Path, exc: BaseException) -> str:
     if isinstance(exc, PermissionError):
         return "permission denied"
     kind = _format_name(path)
-    if "truncated" in detail or isinstance(exc, EOFError):
+    if "truncated" in detail.lower() or isinstance(exc, EOFError):
         return f"truncated {kind} ({detail})"
     return f"damaged or unsupported {kind} ({detail})"
 
