@@ -267,7 +267,8 @@ def plot(records: list[dict], path: Path) -> None:
     ax.set_ylabel("training-step memory (MB)")
     ax.set_title("Peak memory of one training step, CPU")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
