@@ -233,6 +233,24 @@ def _growth(name: str) -> int:
     return int(name.rsplit("_k", 1)[-1]) if "_k" in name else 0
 
 
+HEADER = """# Training memory: standard vs memory-efficient DenseNet
+
+Written by `densenet bench memory` (src/densenet/bench/memory.py); rerun it to refresh this file.
+
+- **step memory**: in a fresh process per (model, mode), after one warm-up training step: the peak RSS during
+  one training step (SGD with momentum; zero_grad(set_to_none=True), forward, cross-entropy, backward, update)
+  minus the RSS just before it. That is activations + gradients + temporaries, i.e. what a step needs beyond
+  the model, its optimizer state and the input batch. glibc mmaps every allocation over 64 KiB
+  (`mallopt(M_MMAP_THRESHOLD)`), so freed tensors leave RSS at once and it follows the live tensors.
+- **s/step**: median of the timed rounds in one process holding all modes, stepped interleaved after a warm-up
+  round (default allocator). CPU, 32x32 inputs, 10 classes, fp32, `--threads` torch threads.
+- Modes: ours standard (`memory_efficient=False`), ours memory-efficient (shared buffer, BN-ReLU recomputed),
+  torchvision's `DenseNet(memory_efficient=True)` (gradient checkpointing) and torchvision's standard DenseNet,
+  both with the stem replaced by one 3x3 convolution: the same architecture and parameters as ours.
+
+"""
+
+
 def format_markdown(records: list[dict]) -> str:
     lines = ["| model | batch | mode | step memory (MB) | vs ours standard | s/step | speed vs ours standard |",
              "|---|---:|---|---:|---:|---:|---:|"]
@@ -246,7 +264,7 @@ def format_markdown(records: list[dict]) -> str:
                      f"{f'{t:.2f}' if t else '-'} | {speed} |")
     runs = sorted({(r["date"], r["command"]) for r in records})
     lines += ["", "Measured by:", ""] + [f"- {date}: `{cmd}`" for date, cmd in runs]
-    return "\n".join(lines) + "\n"
+    return HEADER + "\n".join(lines) + "\n"
 
 
 def plot(records: list[dict], path: Path) -> None:
