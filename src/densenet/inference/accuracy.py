@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=["folded", "onnxruntime",
                                                                           "onnxruntime-int8"])
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N test images only")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate N test images only (a seeded sample)")
     parser.add_argument("--calibration-images", type=int, default=512, help="training images for int8 calibration")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
@@ -79,8 +79,11 @@ def run(args: argparse.Namespace) -> int:
     mean, std = metadata.get("mean") or data.mean, metadata.get("std") or data.std
     test = data.test
     count = min(args.limit or len(test), len(test))
-    images, labels = normalize(test.images[:count], mean, std), test.labels[:count]
     generator = torch.Generator().manual_seed(0)
+    # a seeded sample of every class when limited (the files are sorted by class)
+    subset = torch.randperm(len(test), generator=generator)[:count].sort().values if count < len(test) else None
+    images = normalize(test.images if subset is None else test.images[subset], mean, std)
+    labels = test.labels if subset is None else test.labels[subset]
     pick = torch.randperm(len(data.train), generator=generator)[:args.calibration_images]
     calibration = normalize(data.train.images[pick], mean, std)
     reference = None
