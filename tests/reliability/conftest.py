@@ -34,6 +34,15 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, si
     return root
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second thread only adds OpenMP barrier waits, badly so when the cores are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A finished one-epoch run on a tiny CIFAR-style image tree: (data folder, run folder, an image)."""
