@@ -140,7 +140,8 @@ def _check(fmt: str, path: str, inputs: list[Tensor], expected: list[Tensor]) ->
             warnings.simplefilter("ignore")
             run = torch.jit.load(path, map_location="cpu")
     else:
-        run = torch.export.load(path).module()
+        # From a buffer: given a path, torch.export.load wants the .pt2 suffix, and the temporary file has another.
+        run = torch.export.load(io.BytesIO(Path(path).read_bytes())).module()
     worst = 0.0
     with torch.no_grad():
         for x, want in zip(inputs, expected, strict=True):
