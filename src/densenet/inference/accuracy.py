@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-images", type=int, default=512, help="training images for int8 calibration")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-torchvision", action="store_true",
+                        help="skip timing torchvision's twin (it computes what the baseline computes)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -87,12 +89,13 @@ def run(args: argparse.Namespace) -> int:
     pick = torch.randperm(len(data.train), generator=generator)[:args.calibration_images]
     calibration = normalize(data.train.images[pick], mean, std)
     reference = None
-    try:
+    if not args.no_torchvision:
         from densenet.bench.speed import torchvision_reference
 
-        reference = torchvision_reference(model)
-    except ConfigError:
-        pass  # not a DenseNet-BC: torchvision has no such network; the baseline is ours, eager
+        try:
+            reference = torchvision_reference(model)
+        except ConfigError:
+            pass  # not a DenseNet-BC: torchvision has no such network; the baseline is ours, eager
     rows = evaluate_engines(model, images, labels, args.engines, calibration, args.batch_size, reference)
     report = dict(weights=str(args.weights), model=metadata.get("model"), test_images=count,
                   threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
