@@ -178,3 +178,19 @@ def test_streamed_folder_training(tmp_path):
     assert len(table) == 2 and float(table[0]["test_error"]) in (0.0, 25.0, 50.0, 75.0, 100.0)
     meta = read_metadata(run / "model.safetensors")
     assert meta["classes"] == ["cat", "dog"] and meta["input_size"] == 16 and meta["dataset"] == "folder"
+
+
+def test_svhn_reports_the_test_error_of_the_lowest_validation_error_epoch(tmp_path, capsys):
+    from tests.data import formats
+
+    formats.write_svhn(tmp_path / "svhn", {"train": 60, "extra": 50, "test": 20})
+    run = tmp_path / "run"
+    assert train("--dataset", "svhn", "--data-dir", tmp_path / "svhn", "--epochs", 3, "--batch-size", 16,
+                 "--out", run) == 0
+    table = rows(run)
+    assert all("val_error" in r for r in table)
+    best = min(table, key=lambda r: (float(r["val_error"]), int(r["epoch"])))
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"test error {float(best['test_error']):.2f}% (epoch {best['epoch']}, lowest validation error)" in last_line
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["drop_rate"] == 0.2 and config["augment"] == "none"
