@@ -178,9 +178,9 @@ def plot(results: list[RunResult]) -> bytes:
                 xs = sorted(paper, key=lambda p: p[index])
                 ax.plot([p[index] for p in xs], [p[3] for p in xs], "o--", mfc="none", color=colour, alpha=0.7,
                         label=f"paper, {label}")
-                for p in paper:
+                for j, p in enumerate(xs):  # alternate above and below: neighbours on a log axis crowd
                     ax.annotate(p[0].replace("densenet", "DN"), (p[index], p[3]), fontsize=7, alpha=0.7,
-                                xytext=(3, 3), textcoords="offset points")
+                                xytext=(3, 4 if j % 2 else -10), textcoords="offset points")
             size = [r.params if index == 1 else r.macs for r in ours]
             ax.plot(size, [r.error for r in ours], "*", ms=12, color=colour, label=f"ours, {label}")
             for r, x in zip(ours, size, strict=True):
