@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from densenet.data.datasets import DATASETS, Data, load_data, subset
 from densenet.errors import ConfigError, DenseNetError
@@ -129,6 +131,9 @@ def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
           resume: str | None = None) -> dict[str, Any]:
     """Run (or continue) a training; returns the final summary. Raises DenseNetError on bad input."""
     checkpoint = None
+    restarted = None if resume else _restarted_run(recipe, overrides)
+    if restarted is not None and latest_checkpoint(restarted) is not None:
+        resume = str(restarted)  # torchrun restarted the job after a failure: continue from the last checkpoint
     if resume:
         run_dir = Path(resume)
         path = latest_checkpoint(run_dir) if run_dir.is_dir() else None
@@ -137,6 +142,9 @@ def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
                 load_checkpoint(run_dir / LAST)  # raises why it is unusable: torn, or unsafe to unpickle
             raise DenseNetError(f"--resume {run_dir}: no readable {LAST} there (is it a run folder?)")
         checkpoint = load_checkpoint(path)
+        if restarted is not None and os.environ.get("RANK", "0") == "0":
+            _say(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming {run_dir} after epoch "
+                 f"{checkpoint['epoch']} (its last checkpoint)")
         overrides = {k: v for k, v in (overrides or {}).items() if k != "out"}
         options = resolve_options(recipe, overrides, base=checkpoint["config"])
     else:
@@ -147,10 +155,26 @@ def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
         torch.set_num_threads(options.threads)
     info, device = distributed.setup(device)
     try:
-        return _train(options, device, info, checkpoint, Path(resume) if resume else None)
+        return _train(options, device, info, checkpoint, Path(resume) if resume else restarted)
     finally:
         distributed.cleanup()
         torch.set_num_threads(threads)  # a caller in the same process (a notebook, the tests) keeps its setting
+
+
+def _restarted_run(recipe: str | None, overrides: dict[str, Any] | None) -> Path | None:
+    """--out, when torchrun (--max-restarts) started this job again after a failure and --out holds its run.
+
+    The run is recognised by its config.yaml holding exactly this command's options, so a restarted job
+    never continues another run's folder (that keeps the usual "already holds a run" error).
+    """
+    out = (overrides or {}).get("out")
+    if not out or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return None
+    try:
+        saved = yaml.safe_load((Path(out) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return Path(out) if saved == resolve_options(recipe, overrides).to_dict() else None
 
 
 def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, checkpoint: dict | None,
