@@ -83,6 +83,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _import_before_forking() -> None:
+    """What a run imports late (every command, plots, TensorBoard), imported once: a forked child starts at once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import torch.utils.tensorboard  # noqa: F401
+
+    cli.build_parser()  # imports every command's module
+
+
 def run_forked(*argv, fault: str = "none", nth: int = 0, kill_after: float | None = None, log: Path | None = None,
                timeout: float = 300) -> int:
     """``densenet ARGV`` in a forked child (a real process, which a fault can SIGKILL): its exit code.
@@ -93,6 +104,7 @@ def run_forked(*argv, fault: str = "none", nth: int = 0, kill_after: float | Non
     -9 when the child was killed by SIGKILL (by its fault, or by us ``kill_after`` seconds after the fork).
     Output goes to ``log``.
     """
+    _import_before_forking()
     log = log or Path(os.devnull)
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest

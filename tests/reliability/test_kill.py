@@ -4,7 +4,6 @@ import math
 import random
 import time
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,20 +12,6 @@ from tests.reliability.conftest import TINY_MODEL, make_image_folder, run_forked
 
 EPOCHS, BATCH, PER_CLASS = 8, 8, 8  # a CIFAR-style image tree of 2 classes x 8 images of 32x32: 2 steps an epoch
 STEPS = math.ceil(2 * PER_CLASS / BATCH)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _import_before_forking():
-    """What a run imports late (plots, TensorBoard): imported once here, so each forked child starts at once."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
-    import torch.utils.tensorboard  # noqa: F401
-
-    from densenet import cli
-
-    cli.build_parser()  # imports every command's module
 
 
 def _history(path):
