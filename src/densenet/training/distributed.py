@@ -46,7 +46,16 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps its store across restarts: without a fresh prefix, a restarted rank can read the
+            # failed attempt's keys (dead workers' addresses) and fail to connect.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"densenet-restart-{restart}", store),
+                                    rank=info.rank, world_size=info.world_size)
+        else:
+            dist.init_process_group(backend)
     return info, device
 
 
