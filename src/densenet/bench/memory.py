@@ -89,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
                           seconds_per_step=times.get(mode))
             records.append(record)
             print(_line(record), flush=True)
-    all_records = _merge(args.results, records)
-    _write(args.markdown, format_markdown(all_records))
-    if args.plot:
-        plot(all_records, args.plot)
+        # Written after every model, so that an interrupted run keeps what it measured.
+        all_records = _merge(args.results, records)
+        _write(args.markdown, format_markdown(all_records))
+        if args.plot:
+            plot(all_records, args.plot)
     print(f"wrote {args.results}, {args.markdown}" + (f", {args.plot}" if args.plot else ""))
     return 0
 
