@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from densenet.errors import DenseNetError
 from densenet.models.compat import remap_legacy_keys
 from densenet.models.densenet import DenseNet
 from densenet.models.registry import MODELS
-from densenet.training.checkpoint import atomic_write
+from densenet.training.checkpoint import atomic_write, safe_load
 
 METADATA_KEY = "densenet"
 WEIGHTS_NAME = "model.safetensors"
@@ -83,13 +81,7 @@ def _read(path: Path, map_location) -> tuple[dict[str, Any], dict[str, Any]]:
             return load_file(str(path), device=str(map_location)), read_metadata(path)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise DenseNetError(f"{path} is not a readable safetensors file: {exc}") from exc
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise DenseNetError(f"refusing to load {path}: it holds objects other than tensors and plain values, "
-                            f"and loading it could run code (weights-only unpickling rejected it)") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise DenseNetError(f"{path} is not a readable weights file (truncated or corrupt?)") from exc
+    obj = safe_load(path, map_location, what="weights file")
     metadata: dict[str, Any] = {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # our training checkpoint
         metadata = dict(obj.get("metadata") or {})

@@ -60,19 +60,24 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         raise DenseNetError(f"could not write checkpoint {path}: {exc.strerror or exc}") from exc
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with weights-only unpickling; a clear DenseNetError if it is missing, torn or unsafe."""
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", what: str = "checkpoint") -> Any:
+    """``torch.load`` with weights-only unpickling: tensors and plain values, never code; DenseNetError otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise DenseNetError(f"checkpoint {path} does not exist")
+        raise DenseNetError(f"{what} {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise DenseNetError(f"refusing to load {path}: it holds objects other than tensors and plain values, "
                             f"and loading it could run code (weights-only unpickling rejected it)") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise DenseNetError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+        raise DenseNetError(f"{path} is not a readable {what} (truncated or corrupt?): "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with weights-only unpickling; a clear DenseNetError if it is missing, torn or unsafe."""
+    state = safe_load(path, map_location)
     if not isinstance(state, dict):
         raise DenseNetError(f"{path} is not a densenet checkpoint (it holds a {type(state).__name__}, not a dict)")
     return state
