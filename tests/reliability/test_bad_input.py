@@ -67,11 +67,15 @@ def test_empty_class_folder(capsys, data, tmp_path):
     assert not run.exists()
 
 
-@pytest.mark.parametrize("name, content, reason", [
+# (file name, bytes, the reason the message must give): one list for every command that reads images.
+BROKEN_IMAGES = [
     ("cut.jpg", _jpeg()[:300], "truncated JPEG"),
     ("text.png", b"not an image, only text\n", "not an image file"),
     ("empty.png", b"", "empty file (0 bytes)"),
-])
+]
+
+
+@pytest.mark.parametrize("name, content, reason", BROKEN_IMAGES)
 def test_broken_image_in_the_data(capsys, data, tmp_path, name, content, reason):
     bad = data / "train" / "cat" / name
     bad.write_bytes(content)
@@ -81,11 +85,7 @@ def test_broken_image_in_the_data(capsys, data, tmp_path, name, content, reason)
     assert not run.exists()
 
 
-@pytest.mark.parametrize("name, content, reason", [
-    ("cut.jpg", _jpeg()[:300], "truncated JPEG"),
-    ("text.png", b"not an image, only text\n", "not an image file"),
-    ("empty.png", b"", "empty file (0 bytes)"),
-])
+@pytest.mark.parametrize("name, content, reason", BROKEN_IMAGES)
 def test_broken_image_given_to_predict(capsys, trained, tmp_path, name, content, reason):
     bad = tmp_path / name
     bad.write_bytes(content)
