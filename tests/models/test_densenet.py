@@ -177,7 +177,7 @@ def test_reset_classifier_and_overrides():
     (dict(name="densenet_bc100_k12", compression=1.5), "compression must be in (0, 1]"),
     (dict(name="densenet_bc100_k12", drop_rate=1.0), "drop_rate must be in [0, 1)"),
     (dict(name="densenet_bc100_k12", num_classes=-1), "num_classes must be >= 0"),
-    (dict(name="densenet_bc100_k12", pretrained=True), "does not take pretrained"),
+    (dict(name="densenet_bc100_k12", pretrained=True), "no published ImageNet weights for 'densenet_bc100_k12'"),
     (dict(name="densenet12"), "unknown model 'densenet12'; did you mean"),
     (dict(name="resnet50"), "choose from densenet40_k12"),
 ])

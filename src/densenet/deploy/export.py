@@ -2,6 +2,7 @@
 
     densenet export runs/digits --format onnx --out digits.onnx
     densenet export densenet121.pth --format exported --out densenet121.pt2   # torch.export, torch.export.load
+    densenet export densenet121 --out d121.onnx      # torchvision's ImageNet weights, by name
 
 Every format takes a float batch (N, C, H, W) normalised as the weights' metadata says and returns the
 logits (N, classes); the batch dimension is dynamic. The metadata (class names, mean, std, input size)
@@ -157,7 +158,9 @@ def _check(fmt: str, path: str, inputs: list[Tensor], expected: list[Tensor]) ->
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth) or a run folder")
+    parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth), a run folder, or a "
+                        "model name with published ImageNet weights (densenet121, densenet161, densenet169, "
+                        "densenet201)")
     parser.add_argument("--format", default=None,
                         help="onnx, torchscript or exported (torch.export); default: from --out's extension "
                              "(.onnx, .pt, .pt2)")

@@ -2,6 +2,7 @@
 
     densenet predict runs/digits my_digit.png             # top 5 classes with probabilities
     densenet predict model.safetensors photos/ --top-k 1 --json
+    densenet predict densenet121 photo.jpg                # torchvision's ImageNet weights, cached by torch.hub
 
 Everything comes from the weights file's metadata: the class names, the input size, the channels
 (a grayscale model gets grayscale images), the normalisation, and the evaluation preprocessing of the
@@ -142,7 +143,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth) or a run folder")
+    parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth), a run folder, or a "
+                        "model name with published ImageNet weights (densenet121, densenet161, densenet169, "
+                        "densenet201)")
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image and line")

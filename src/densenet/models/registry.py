@@ -79,12 +79,38 @@ def model_config(name: str) -> dict[str, Any]:
                       f"(or any densenet{{L}}_k{{k}} / densenet_bc{{L}}_k{{k}} of the CIFAR form)")
 
 
-def create_model(name: str, **overrides: Any) -> DenseNet:
-    """Build a named DenseNet, e.g. ``create_model("densenet_bc100_k12", num_classes=100, drop_rate=0.2)``."""
+def create_model(name: str, pretrained: bool = False, features_only: bool = False,
+                 out_indices: tuple[int, ...] | None = None, **overrides: Any) -> DenseNet:
+    """Build a named DenseNet, e.g. ``create_model("densenet_bc100_k12", num_classes=100, drop_rate=0.2)``.
+
+    pretrained: torchvision's ImageNet weights (densenet121/161/169/201), downloaded once into torch.hub's
+        cache; another ``num_classes`` keeps them all but the classifier. Metadata: ``model.pretrained_cfg``.
+    features_only, out_indices: a backbone as timm makes it (``densenet.models.features.DenseNetFeatures``):
+        forward gives one map per selected dense block; ``feature_info.channels()`` / ``.reduction()``.
+    """
     unknown = set(overrides) - _OVERRIDABLE
     if unknown:
         raise ConfigError(f"create_model does not take {', '.join(sorted(unknown))}; "
-                          f"it takes {', '.join(sorted(_OVERRIDABLE))}")
+                          f"it takes {', '.join(sorted(_OVERRIDABLE))}, pretrained, features_only, out_indices")
+    if out_indices is not None and not features_only:
+        raise ConfigError("out_indices selects the stages of a backbone; pass features_only=True with it")
     config = model_config(name)
     config.update(overrides)
-    return DenseNet(**config)
+    if pretrained:
+        from densenet.models.pretrained import PRETRAINED
+
+        if name not in PRETRAINED:
+            raise ConfigError(f"no published ImageNet weights for {name!r}; pretrained=True works for "
+                              f"{', '.join(PRETRAINED)}")
+        if config.get("in_chans", 3) != 3:
+            raise ConfigError(f"the pretrained {name} takes 3-channel (RGB) images, not in_chans={config['in_chans']}")
+    model = DenseNet(**config)
+    if pretrained:
+        from densenet.models.pretrained import load_pretrained
+
+        load_pretrained(model, name)
+    if features_only:
+        from densenet.models.features import DenseNetFeatures
+
+        return DenseNetFeatures(model, out_indices)
+    return model

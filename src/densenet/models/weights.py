@@ -57,6 +57,11 @@ def resolve(path: str | os.PathLike) -> Path:
                 return path / name
         raise DenseNetError(f"{path} is a folder without {WEIGHTS_NAME} or a checkpoint")
     if not path.is_file():
+        if str(path) in MODELS:
+            from densenet.models.pretrained import PRETRAINED
+
+            raise DenseNetError(f"no weights file {path}, and {path} has no published ImageNet weights "
+                                f"(the names that load them: {', '.join(PRETRAINED)})")
         raise DenseNetError(f"weights file {path} does not exist")
     return path
 
@@ -95,8 +100,20 @@ def _read(path: Path, map_location) -> tuple[dict[str, Any], dict[str, Any]]:
     return obj, metadata
 
 
+def _pretrained_name(path: str | os.PathLike) -> str | None:
+    """The model name when ``path`` names torchvision's published weights (densenet121...) and no such file exists."""
+    from densenet.models.pretrained import is_pretrained_name
+
+    return str(path) if is_pretrained_name(str(path)) and not Path(path).exists() else None
+
+
 def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The state dict of any supported file, with legacy and wrapper key names mapped to ours."""
+    """The state dict of any supported file (or pretrained model name), with legacy key names mapped to ours."""
+    name = _pretrained_name(path)
+    if name:
+        from densenet.models.pretrained import pretrained_state_dict
+
+        return remap_legacy_keys({k: v.to(map_location) for k, v in pretrained_state_dict(name).items()})
     state, _ = _read(resolve(path), map_location)
     return remap_legacy_keys(state)
 
@@ -141,7 +158,16 @@ def model_name_for(config: dict[str, Any]) -> str:
 
 
 def load_weights(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DenseNet, dict]:
-    """Build the model a weights file (or run folder) describes and load it strictly: (model, metadata)."""
+    """Build the model a weights file (or run folder) describes and load it strictly: (model, metadata).
+
+    A pretrained model name (densenet121, 161, 169, 201) that is not a file loads torchvision's ImageNet weights.
+    """
+    name = _pretrained_name(path)
+    if name:
+        from densenet.models.registry import create_model
+
+        model = create_model(name, pretrained=True)
+        return model.to(map_location), dict(model.pretrained_cfg)
     path = resolve(path)
     state, metadata = _read(path, map_location)
     state = remap_legacy_keys(state)

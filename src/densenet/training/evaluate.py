@@ -2,6 +2,7 @@
 
     densenet evaluate --checkpoint runs/digits-densenet_bc40_k12-20260101-120000
     densenet evaluate --checkpoint model.safetensors --dataset imagenet --data-dir /imagenet --ten-crop --json
+    densenet evaluate densenet121 --dataset imagenet --data-dir /imagenet     # torchvision's ImageNet weights
 
 The data set, class names and normalisation come from the weights' metadata unless given; ImageNet and
 folders are evaluated on a single centre crop (resize 256, crop 224) or, with --ten-crop, on the four
@@ -24,8 +25,10 @@ from densenet.training.engine import Batches, evaluate
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--checkpoint", required=True, metavar="RUN_DIR_OR_WEIGHTS",
-        help="a run folder, a model.safetensors, a checkpoint, or torchvision/timm weights")
+    add("weights", nargs="?", metavar="RUN_DIR_OR_WEIGHTS",
+        help="a run folder, a model.safetensors, a checkpoint, torchvision/timm weights, or a model name "
+             "with published ImageNet weights (densenet121, densenet161, densenet169, densenet201)")
+    add("--checkpoint", metavar="RUN_DIR_OR_WEIGHTS", help="the same, as an option")
     add("--dataset", help=f"one of {', '.join(DATASETS)} (default: the one the weights were trained on)")
     add("--data-dir", help="where the data set is (default data/<dataset>)")
     add("--batch-size", type=int, default=128)
@@ -36,7 +39,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    result = evaluate_weights(args.checkpoint, args.dataset, args.data_dir, batch_size=args.batch_size,
+    if bool(args.weights) == bool(args.checkpoint):
+        raise DenseNetError("give the weights to evaluate once: densenet evaluate RUN_DIR_OR_WEIGHTS (or --checkpoint)")
+    result = evaluate_weights(args.weights or args.checkpoint, args.dataset, args.data_dir, batch_size=args.batch_size,
                               workers=args.workers, device=args.device, ten_crop=args.ten_crop)
     if args.json:
         print(json.dumps(result))

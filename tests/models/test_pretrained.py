@@ -1,0 +1,162 @@
+"""Pretrained by name: torchvision's weights API, torch.hub's cache under TORCH_HOME, the hash in the file name.
+
+No network here: the cached path is tested with a file placed in a temporary TORCH_HOME. Its weights entry is
+a real torchvision WeightsEnum whose URL ends in the SHA-256 prefix of that file (as torchvision's URLs do),
+and a tiny ImageNet-form architecture stands in for densenet121 so the tests take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import urllib.error
+from functools import partial
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import DenseNet121_Weights, Weights, WeightsEnum
+from torchvision.transforms._presets import ImageClassification
+
+import densenet
+from densenet.cli import main
+from densenet.errors import DenseNetError
+from densenet.models import pretrained
+from densenet.models.registry import MODELS, imagenet_config
+
+TINY = dict(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    return home
+
+
+def _no_network(*args, **kwargs):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+def cache_tiny_weights(monkeypatch, torch_home, corrupt: bool = False) -> dict[str, torch.Tensor]:
+    """Save a tiny densenet121-like state dict under the name its weights entry expects; return the state."""
+    state = densenet.create_model("densenet121", **TINY).state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    blob = buffer.getvalue()
+    prefix = hashlib.sha256(blob).hexdigest()[:8]
+
+    class TinyWeights(WeightsEnum):
+        IMAGENET1K_V1 = Weights(url=f"https://download.example.org/models/densenet121-{prefix}.pth",
+                                transforms=partial(ImageClassification, crop_size=224),
+                                meta=dict(DenseNet121_Weights.IMAGENET1K_V1.meta))
+        DEFAULT = IMAGENET1K_V1
+
+    monkeypatch.setattr(pretrained, "torchvision_weights", lambda name: TinyWeights.DEFAULT)
+    monkeypatch.setitem(MODELS, "densenet121", {**imagenet_config(**TINY)})
+    path = torch_home / "hub" / "checkpoints" / f"densenet121-{prefix}.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]) if corrupt else blob)
+    return state
+
+
+def test_cache_path_is_torchvisions(torch_home):
+    weights = pretrained.torchvision_weights("densenet121")
+    assert weights is DenseNet121_Weights.IMAGENET1K_V1
+    assert pretrained.cache_path(weights) == torch_home / "hub" / "checkpoints" / "densenet121-a639ec97.pth"
+
+
+def test_cached_file_loads_with_metadata(monkeypatch, torch_home):
+    state = cache_tiny_weights(monkeypatch, torch_home)
+    model = densenet.create_model("densenet121", pretrained=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    cfg = model.pretrained_cfg
+    assert cfg["classes"][:2] == ["tench", "goldfish"] and len(cfg["classes"]) == 1000
+    assert cfg["mean"] == [0.485, 0.456, 0.406] and cfg["std"] == [0.229, 0.224, 0.225]
+    assert cfg["input_size"] == 224 and cfg["dataset"] == "imagenet"
+
+
+def test_other_class_count_keeps_all_but_the_classifier(monkeypatch, torch_home):
+    state = cache_tiny_weights(monkeypatch, torch_home)
+    model = densenet.create_model("densenet121", pretrained=True, num_classes=7)
+    own = model.state_dict()
+    assert own["classifier.weight"].shape == (7, state["classifier.weight"].shape[1])
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("classifier."))
+    assert "classes" not in model.pretrained_cfg
+
+
+def test_cached_file_with_wrong_hash_is_refused(monkeypatch, torch_home):
+    cache_tiny_weights(monkeypatch, torch_home, corrupt=True)
+    with pytest.raises(DenseNetError, match=r"densenet121-[0-9a-f]{8}\.pth does not match the hash in its name"):
+        densenet.create_model("densenet121", pretrained=True)
+
+
+def test_offline_and_not_cached_names_url_and_cache_path(monkeypatch, torch_home, capsys):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    with pytest.raises(DenseNetError) as info:
+        densenet.create_model("densenet121", pretrained=True)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "https://download.pytorch.org/models/densenet121-a639ec97.pth" in message
+    assert str(torch_home / "hub" / "checkpoints" / "densenet121-a639ec97.pth") in message
+    # the command line: one line, exit 2, no traceback
+    image = torch_home.parent / "photo.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
+    assert main(["predict", "densenet121", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "densenet121-a639ec97.pth" in err and "Traceback" not in err
+
+
+def test_no_published_weights():
+    with pytest.raises(DenseNetError, match="no published ImageNet weights for 'densenet264'"):
+        densenet.create_model("densenet264", pretrained=True)
+    with pytest.raises(DenseNetError, match="3-channel"):
+        densenet.create_model("densenet121", pretrained=True, in_chans=1)
+
+
+def test_cli_takes_a_model_name(monkeypatch, torch_home, tmp_path, capsys):
+    state = cache_tiny_weights(monkeypatch, torch_home)
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (50, 40), (10, 200, 10)).save(image)
+    assert main(["predict", "densenet121", str(image), "--top-k", "2", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(image) and len(lines) == 3  # two ImageNet class names with probabilities
+    # export: ONNX with the ImageNet metadata
+    out = tmp_path / "d121.onnx"
+    assert main(["export", "densenet121", "--out", str(out)]) == 0
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert '"tench"' in props["classes"] and props["input_size"] == "224"
+    # train --init NAME reads the same state dict
+    from densenet.models.weights import read_state_dict
+
+    assert all(torch.equal(read_state_dict("densenet121")[k], v) for k, v in state.items())
+    # evaluate resolves the name too (then checks the classes against the data set)
+    from densenet.training.evaluate import evaluate_weights
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "test" / cls).mkdir(parents=True)
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / "test" / cls / "x.png")
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / "train" / cls / "x.png")
+    with pytest.raises(DenseNetError, match="densenet121 predicts 1000 classes but folder has 2"):
+        evaluate_weights("densenet121", "folder", str(tmp_path / "data"), workers=0, device="cpu")
+
+
+def test_a_file_named_like_a_model_is_still_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "densenet121").write_bytes(b"not weights")
+    from densenet.models.weights import load_weights
+
+    with pytest.raises(DenseNetError, match="(refusing to load|is not a readable).*densenet121|densenet121 (is not|:)"):
+        load_weights("densenet121")
+
+
+def test_a_model_name_without_published_weights_says_which_have_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from densenet.models.weights import load_weights
+
+    with pytest.raises(DenseNetError, match="densenet264 has no published ImageNet weights.*densenet121"):
+        load_weights("densenet264")
