@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import sys
 
 import torch
 
@@ -44,11 +46,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_weights(args.weights or args.checkpoint, args.dataset, args.data_dir, batch_size=args.batch_size,
                               workers=args.workers, device=args.device, ten_crop=args.ten_crop)
     if args.json:
-        print(json.dumps(result))
-    else:
+        print(json.dumps(result, allow_nan=False))  # valid JSON: a diverged model's errors are null
+    elif not result["diverged"]:
         crop = " (ten-crop)" if result["ten_crop"] else ""
         print(f"{result['model']} on {result['dataset']} test ({result['n']} images){crop}: "
               f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%")
+    if result["diverged"]:
+        print(f"densenet evaluate: error: the weights diverged: the loss on {result['dataset']} is not finite "
+              f"(NaN or infinite outputs), so there is no error rate; evaluate an earlier checkpoint",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -78,6 +85,9 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
         data = dataclasses.replace(data, mean=list(meta["mean"]), std=list(meta["std"]))
     batches = Batches(data, data.test, batch_size, Dist(), dev, train=False, workers=workers)
     stats = evaluate(model.to(dev), batches, dev, Dist())
-    return {"model": meta.get("model"), "dataset": dataset, "top1_error": round(stats.error, 4),
-            "top5_error": round(stats.top5_error, 4), "n": stats.n, "loss": round(stats.loss, 6),
-            "ten_crop": ten_crop}
+    # Non-finite outputs (diverged weights) make the loss NaN and the error rates meaningless: null, not NaN.
+    diverged = not math.isfinite(stats.loss)
+    return {"model": meta.get("model"), "dataset": dataset,
+            "top1_error": None if diverged else round(stats.error, 4),
+            "top5_error": None if diverged else round(stats.top5_error, 4), "n": stats.n,
+            "loss": None if diverged else round(stats.loss, 6), "ten_crop": ten_crop, "diverged": diverged}

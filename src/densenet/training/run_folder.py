@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,17 +18,24 @@ from typing import Any
 import yaml
 
 from densenet.errors import ConfigError
-from densenet.training.checkpoint import LAST, atomic_write
+from densenet.training.checkpoint import BEST, LAST, atomic_write, pid_alive, with_advice
 
+WEIGHTS = "model.safetensors"
+OWNER = ".owner"  # "HOST PID" of the process that started the run in this folder
 COLUMNS = ["epoch", "lr", "train_loss", "train_error", "test_error", "test_top5_error", "seconds"]
 
 
 def new_run_dir(out: str | None, dataset: str, model: str) -> Path:
-    """The folder a new run writes to: ``--out`` (empty or new), else runs/<dataset>-<model>-<time>."""
+    """The folder a new run writes to: ``--out`` (empty, new, or a run that never checkpointed), else
+    runs/<dataset>-<model>-<time>."""
     if out:
         path = Path(out)
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--out {path} is a file, not a folder")
+        if _never_checkpointed(path):
+            print(f"--out {path} holds a run that stopped before its first checkpoint (nothing to resume): "
+                  f"starting a new run there", flush=True)
+            return path
         if (path / LAST).exists() or (path / "config.yaml").exists():
             raise ConfigError(f"--out {path} already holds a run; continue it with --resume {path} "
                               f"or choose another --out")
@@ -40,12 +49,67 @@ def new_run_dir(out: str | None, dataset: str, model: str) -> Path:
     return path
 
 
+def _never_checkpointed(path: Path) -> bool:
+    """A run folder whose run was killed before its first checkpoint: config.yaml, but no checkpoint, no weights,
+    and no live process still writing it (the owner file names the writer's host and PID)."""
+    if not (path / "config.yaml").is_file():
+        return False
+    if any((path / name).exists() for name in (LAST, BEST, WEIGHTS, "metrics.csv")):
+        return False
+    try:
+        host, pid = (path / OWNER).read_text().split()
+    except (OSError, ValueError):
+        return False  # written before owner files existed, or unreadable: do not guess
+    if host == socket.gethostname() and int(pid) != os.getpid() and pid_alive(int(pid)):
+        raise ConfigError(f"--out {path} is in use by a run still going (process {pid}); choose another --out")
+    return host == socket.gethostname()
+
+
+def finish_from_checkpoint(run_dir: Path, checkpoint: dict[str, Any], title: str,
+                           paper_error: float | None = None) -> dict[str, Any]:
+    """Write model.safetensors (and curves.png) of a run whose last epoch was checkpointed but whose final
+    weights were never written (a process or torchrun worker killed in between). As ``train``'s end: the
+    last epoch's weights, or on a data set with a validation split those of the lowest validation error."""
+    from densenet.models.densenet import DenseNet
+    from densenet.models.weights import load_into, save_weights
+    from densenet.training.checkpoint import load_checkpoint
+
+    history, best = list(checkpoint["history"]), dict(checkpoint["best"])
+    reported, state, source = history[-1], checkpoint["model"], run_dir / LAST
+    if best.get("metric") == "val_error" and best["epoch"] != reported["epoch"]:
+        reported, source = history[best["epoch"] - 1], run_dir / BEST
+        state = load_checkpoint(source)["model"]
+    if os.environ.get("RANK", "0") == "0":
+        model = DenseNet(**checkpoint["model_config"])
+        load_into(model, state, source=str(source))
+        save_weights(model, run_dir / WEIGHTS, dict(checkpoint["metadata"]))
+        write_curves(run_dir, history, title)
+        print(f"the run in {run_dir} had finished its {checkpoint['epoch']} epochs but not written its final "
+              f"weights: wrote {run_dir / WEIGHTS} (epoch {reported['epoch']}, test error "
+              f"{reported['test_error']:.2f}%)", flush=True)
+    return {"run_dir": str(run_dir), "epoch": reported["epoch"], "test_error": reported["test_error"],
+            "test_top5_error": reported["test_top5_error"], "paper_error": paper_error}
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run folder; a refusal (permissions, a full disk) names the folder and says what to do."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise with_advice(exc, run_dir) from exc
+
+
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_config(run_dir: Path, options: dict[str, Any]) -> None:
     write_text(run_dir / "config.yaml", yaml.safe_dump(options, sort_keys=False))
+    # Who writes this run (see _never_checkpointed): advisory, so a plain write, no fsync; torn, it is ignored.
+    try:
+        (run_dir / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError as exc:
+        raise with_advice(exc, run_dir / OWNER) from exc
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:

@@ -147,6 +147,10 @@ def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
                  f"{checkpoint['epoch']} (its last checkpoint)")
         overrides = {k: v for k, v in (overrides or {}).items() if k != "out"}
         options = resolve_options(recipe, overrides, base=checkpoint["config"])
+        if int(checkpoint["epoch"]) >= options.epochs and not (run_dir / run_folder.WEIGHTS).is_file():
+            # killed after the last checkpoint, before model.safetensors: write it rather than "already finished"
+            return run_folder.finish_from_checkpoint(run_dir, checkpoint, f"{options.model} on {options.dataset}",
+                                                     options.info.get("paper_error"))
     else:
         options = resolve_options(recipe, overrides)
     device = _resolve_device(options)
@@ -223,7 +227,7 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     metadata = _metadata(options, data, model)
     board = None
     if info.is_main:  # created only now, after every option and the data were checked
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.make_run_dir(run_dir)
         run_folder.write_config(run_dir, options.to_dict())
         board = run_folder.TensorBoard(run_dir)
         _say(f"training {options.model} on {options.dataset} ({len(data.train)} images, {data.num_classes} "

@@ -1,0 +1,163 @@
+"""Issue 13's fault follow-ups: stale temporaries, finished-but-unsaved runs, runs killed before their first
+checkpoint, a diverged model's JSON, and write errors that say what to do."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from densenet.errors import DenseNetError
+from densenet.models.weights import load_weights, save_weights
+from densenet.training.checkpoint import LAST, latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.reliability.conftest import TINY_MODEL, assert_user_error, make_image_folder, run_cli, run_forked
+
+
+def _train_args(data, out, epochs=2):
+    return ["train", "--model", TINY_MODEL, "--dataset", "cifar10", "--data-dir", data, "--epochs", epochs,
+            "--batch-size", 4, "--device", "cpu", "--quiet", "--seed", 1, "--out", out]
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=2, size=32)
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+# -- temporaries of killed writers ---------------------------------------------------------------------------------
+
+def test_temporaries_of_dead_writers_are_swept_at_the_next_save(tmp_path):
+    dead = tmp_path / f".tmp-{_dead_pid()}-{LAST}"
+    ours = tmp_path / f".tmp-{os.getpid()}-metrics.csv"  # this process's own (e.g. another thread's write)
+    live = tmp_path / ".tmp-1-config.yaml"  # PID 1 is alive: maybe a writer, never deleted
+    for path in (dead, ours, live):
+        path.write_bytes(b"half a file")
+    save_checkpoint(tmp_path / LAST, {"epoch": 1})
+    assert not dead.exists() and ours.exists() and live.exists()
+    assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
+
+
+def test_a_torn_checkpoint_write_leaves_nothing_after_the_resume(tmp_path, data):
+    run = tmp_path / "run"
+    assert run_forked(*_train_args(data, run), fault="torn", nth=2) == -9  # killed writing epoch 1's 2nd file
+    assert list(run.glob(".tmp-*")), "the kill left no temporary file to sweep"
+    assert run_forked("train", "--resume", run) == 0
+    assert not list(run.glob(".tmp-*"))
+
+
+# -- killed after the last checkpoint, before model.safetensors ----------------------------------------------------
+
+@pytest.mark.parametrize("how", ["torchrun-restart", "resume"])
+def test_a_run_killed_before_its_final_weights_writes_them(capsys, tmp_path, data, monkeypatch, how):
+    run = tmp_path / "run"
+    assert run_cli(capsys, *_train_args(data, run))[0] == 0
+    expected = load_file(str(run / "model.safetensors"))
+    (run / "model.safetensors").unlink()  # what a kill between the last checkpoint and the weights leaves
+    if how == "torchrun-restart":
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        code, out, err = run_cli(capsys, *_train_args(data, run))  # torchrun runs the same command again
+    else:
+        code, out, err = run_cli(capsys, "train", "--resume", run)
+    assert code == 0, err
+    assert "had finished its 2 epochs but not written its final weights" in out
+    written = load_file(str(run / "model.safetensors"))
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    assert load_weights(run / "model.safetensors")[1]["classes"] == ["cat", "dog"]
+    code, _, err = run_cli(capsys, "train", "--resume", run)  # now it really is finished
+    assert_user_error(code, err, "train", "already finished 2 epochs")
+
+
+# -- killed before the first checkpoint ----------------------------------------------------------------------------
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_a_reusable_out(capsys, tmp_path, data):
+    run = tmp_path / "run"
+    assert run_forked(*_train_args(data, run), fault="step", nth=1) == -9
+    assert (run / "config.yaml").is_file() and latest_checkpoint(run) is None
+    code, out, err = run_cli(capsys, *_train_args(data, run))
+    assert code == 0, err
+    assert f"--out {run} holds a run that stopped before its first checkpoint" in out
+    assert load_checkpoint(run / LAST)["epoch"] == 2 and (run / "model.safetensors").is_file()
+
+
+def test_a_run_still_going_is_never_reused(capsys, tmp_path, data):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: x\n")
+    (run / ".owner").write_text(f"{socket.gethostname()} 1\n")  # PID 1: a live process, as a running writer
+    code, _, err = run_cli(capsys, *_train_args(data, run))
+    assert_user_error(code, err, "train", "is in use by a run still going (process 1)")
+    assert (run / "config.yaml").read_text() == "model: x\n"
+
+
+# -- evaluate --json on a diverged model ---------------------------------------------------------------------------
+
+def test_evaluate_json_of_a_diverged_model_is_valid_json_and_fails(capsys, tmp_path, trained):
+    data, run, _ = trained
+    model, metadata = load_weights(run)
+    with torch.no_grad():
+        model.features.norm5.weight.fill_(float("nan"))
+    save_weights(model, tmp_path / "diverged.safetensors", metadata)
+    code, out, err = run_cli(capsys, "evaluate", tmp_path / "diverged.safetensors", "--data-dir", data, "--json",
+                             "--device", "cpu", "--workers", 0)
+    result = json.loads(out)  # strict JSON: NaN would not parse as a value of the standard
+    assert code != 0
+    assert result["diverged"] is True and result["top1_error"] is None and result["loss"] is None
+    assert_user_error(code, err, "evaluate", "diverged")
+    code, out, _ = run_cli(capsys, "evaluate", run, "--data-dir", data, "--json", "--device", "cpu", "--workers", 0)
+    assert code == 0 and json.loads(out)["diverged"] is False and json.loads(out)["top1_error"] is not None
+
+
+# -- write errors say what to do -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "free space on that disk, or write elsewhere (another --out)"),
+                                         (errno.EACCES, "make the folder writable"),
+                                         (errno.EROFS, "read-only: write elsewhere (another --out)")])
+def test_write_errors_name_the_file_and_say_what_to_do(tmp_path, monkeypatch, code, words):
+    def fail(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fail)
+    target = tmp_path / "run" / LAST
+    target.parent.mkdir()
+    with pytest.raises(DenseNetError) as info:
+        save_checkpoint(target, {"epoch": 1})
+    message = str(info.value)
+    assert str(target) in message and ".tmp-" not in message and words in message
+    assert not list(target.parent.iterdir())
+
+
+def test_full_disk_during_training_says_what_to_do(capsys, tmp_path, data, monkeypatch):
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *_train_args(data, run))
+    assert_user_error(code, err, "train", "No space left on device", "free space", "another --out",
+                      str(run / "config.yaml"))
+
+
+def test_unwritable_run_folder_says_what_to_do(capsys, tmp_path, data, monkeypatch):
+    real_mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "locked")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    code, _, err = run_cli(capsys, *_train_args(data, tmp_path / "locked" / "run"))
+    assert_user_error(code, err, "train", "Permission denied", "another --out", str(tmp_path / "locked"))
+
