@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "summary": ("densenet.analysis.commands", "a model as the paper's Table 1, with parameters and MACs"),
     "train": ("densenet.training.train", "train a DenseNet with the paper's protocol (default: digits, built in)"),
     "evaluate": ("densenet.training.evaluate", "top-1/top-5 error of a run folder or weights file on a data set"),
+    "check-data": ("densenet.data.check", "find every broken image file under data folders, before a run meets one"),
     "predict": ("densenet.deploy.predict", "top-k classes of image files from a weights file or run folder"),
     "export": ("densenet.deploy.export", "a trained model as ONNX, TorchScript or torch.export, checked"),
     "analyze": ("densenet.analysis.reuse", "analyses of a trained model: reuse (the paper's Figure 5)"),

@@ -161,3 +161,45 @@ def test_unwritable_run_folder_says_what_to_do(capsys, tmp_path, data, monkeypat
     code, _, err = run_cli(capsys, *_train_args(data, tmp_path / "locked" / "run"))
     assert_user_error(code, err, "train", "Permission denied", "another --out", str(tmp_path / "locked"))
 
+
+
+# -- broken images in streamed data sets, found up front -------------------------------------------------------------
+
+def test_check_data_lists_every_broken_file_and_fails(capsys, data):
+    from tests.reliability.test_bad_input import BROKEN_IMAGES
+
+    bad = []
+    for i, (name, content, _) in enumerate(BROKEN_IMAGES):
+        path = data / ("train", "test")[i % 2] / "dog" / name
+        path.write_bytes(content)
+        bad.append(path)
+    (data / "train" / "cat" / "notes.txt").write_text("not an image, not listed by the data sets either")
+    for workers in (1, 2):
+        code, out, err = run_cli(capsys, "check-data", data, "--workers", workers)
+        assert code == 1
+        lines = out.splitlines()
+        assert len(lines) == len(BROKEN_IMAGES)
+        for path, (_, _, reason) in zip(bad, BROKEN_IMAGES, strict=True):
+            assert any(line.startswith(f"cannot read image {path}: ") and reason in line for line in lines), lines
+        assert "checked 11 image files" in err and f"{len(BROKEN_IMAGES)} broken" in err and "Traceback" not in err
+    for path in bad:
+        path.unlink()
+    code, out, err = run_cli(capsys, "check-data", data / "train", data / "test", "--quiet")
+    assert code == 0 and out == "" and "checked 8 image files" in err and "all readable" in err
+
+
+def test_check_data_bad_arguments(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "check-data", tmp_path / "nowhere")
+    assert_user_error(code, err, "check-data", "nowhere: no such file or folder")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "check-data", tmp_path / "empty")
+    assert_user_error(code, err, "check-data", "no image files")
+
+
+def test_a_broken_file_met_mid_epoch_points_to_check_data(data):
+    from densenet.data.folders import ImageFiles, scan
+
+    classes, samples = scan(data / "train")
+    samples[0][0].write_bytes(b"")
+    with pytest.raises(DenseNetError, match=rf"empty file .*densenet check-data {data / 'train'}\)$"):
+        ImageFiles(classes, samples, transform=lambda image: image)[0]

@@ -114,7 +114,12 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        return self.transform(load_image(path)), label
+        try:
+            image = load_image(path)
+        except DenseNetError as exc:  # met mid-epoch: say how to find every other broken file in one pass
+            raise DenseNetError(f"{exc} (list every broken file at once: densenet check-data "
+                                f"{path.parent.parent})") from exc
+        return self.transform(image), label
 
 
 class Lighting:
