@@ -35,7 +35,8 @@ def torch_home(tmp_path, monkeypatch):
     return home
 
 
-def _no_network(*args, **kwargs):
+def _no_network(url, dst, *args, **kwargs):
+    print(f'Downloading: "{url}" to {dst}')  # as torch.hub does, on stdout
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
 
@@ -104,8 +105,10 @@ def test_offline_and_not_cached_names_url_and_cache_path(monkeypatch, torch_home
     image = torch_home.parent / "photo.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
     assert main(["predict", "densenet121", str(image)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "densenet121-a639ec97.pth" in err and "Traceback" not in err
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing but results on stdout (predict --json)
+    errors = [line for line in err.splitlines() if line.startswith("densenet predict: error: ")]
+    assert len(errors) == 1 and "densenet121-a639ec97.pth" in errors[0] and "Traceback" not in err
 
 
 def test_no_published_weights():

@@ -12,8 +12,10 @@ refused if it does not match: a file copied in by hand, cut short or altered nev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -67,7 +69,9 @@ def pretrained_state_dict(name: str, progress: bool = True) -> dict[str, torch.T
     if path.is_file():
         _check_cached_hash(path, weights.url)
     try:
-        state = weights.get_state_dict(progress=progress, check_hash=True)
+        # torch.hub announces a download on stdout; keep stdout for results (predict --json, evaluate --json).
+        with contextlib.redirect_stdout(sys.stderr):
+            state = weights.get_state_dict(progress=progress, check_hash=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a wrong download hash a RuntimeError
         reason = str(getattr(exc, "reason", "") or exc).strip().splitlines()
         reason = reason[0] if reason else type(exc).__name__
