@@ -40,9 +40,11 @@ def _no_network(url, dst, *args, **kwargs):
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
 
-def cache_tiny_weights(monkeypatch, torch_home, corrupt: bool = False) -> dict[str, torch.Tensor]:
-    """Save a tiny densenet121-like state dict under the name its weights entry expects; return the state."""
-    state = densenet.create_model("densenet121", **TINY).state_dict()
+def cache_tiny_weights(monkeypatch, torch_home, corrupt: bool = False, state=None) -> dict[str, torch.Tensor]:
+    """Save a tiny densenet121-like state dict (or ``state``, then for the real architecture) under the name its
+    weights entry expects; return the state."""
+    real_size = state is not None
+    state = densenet.create_model("densenet121", **TINY).state_dict() if state is None else state
     buffer = io.BytesIO()
     torch.save(state, buffer)
     blob = buffer.getvalue()
@@ -55,7 +57,8 @@ def cache_tiny_weights(monkeypatch, torch_home, corrupt: bool = False) -> dict[s
         DEFAULT = IMAGENET1K_V1
 
     monkeypatch.setattr(pretrained, "torchvision_weights", lambda name: TinyWeights.DEFAULT)
-    monkeypatch.setitem(MODELS, "densenet121", {**imagenet_config(**TINY)})
+    if not real_size:
+        monkeypatch.setitem(MODELS, "densenet121", {**imagenet_config(**TINY)})
     path = torch_home / "hub" / "checkpoints" / f"densenet121-{prefix}.pth"
     path.parent.mkdir(parents=True)
     path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]) if corrupt else blob)
@@ -163,3 +166,45 @@ def test_a_model_name_without_published_weights_says_which_have_them(tmp_path, m
 
     with pytest.raises(DenseNetError, match="densenet264 has no published ImageNet weights.*densenet121"):
         load_weights("densenet264")
+
+
+def test_train_init_by_name_fine_tunes_from_the_pretrained_weights(monkeypatch, torch_home, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from densenet.training.options import resolve_options
+    from densenet.training.train import _build_model
+    from tests.reliability.conftest import make_image_folder
+
+    state = cache_tiny_weights(monkeypatch, torch_home)
+    options = resolve_options(None, {"dataset": "folder", "init": "densenet121", "data_dir": str(tmp_path)})
+    assert options.model == "densenet121"  # the folder data set's default model
+    model = _build_model(options, SimpleNamespace(num_classes=2, in_chans=3))
+    own = model.state_dict()
+    assert own["classifier.weight"].shape[0] == 2
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("classifier."))
+    data = make_image_folder(tmp_path / "data", per_class=2, size=40)
+    code = main(["train", "--init", "densenet121", "--dataset", "folder", "--data-dir", str(data), "--epochs", "1",
+                 "--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu", "--quiet",
+                 "--out", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_torchvisions_file_format_gives_torchvisions_outputs(monkeypatch, torch_home):
+    """The published file's 2017 key names (norm.1, conv.2...) at full size: the same logits as torchvision's."""
+    import torchvision
+
+    reference = torchvision.models.densenet121().eval()
+    legacy = {}
+    for key, value in reference.state_dict().items():
+        for part in ("norm1", "conv1", "norm2", "conv2"):
+            key = key.replace(f".{part}.", f".{part[:-1]}.{part[-1]}.")
+        legacy[key] = value
+    cache_tiny_weights(monkeypatch, torch_home, state=legacy)
+    from densenet.models.weights import load_weights
+
+    model, metadata = load_weights("densenet121")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert metadata["model"] == "densenet121" and metadata["config"]["num_classes"] == 1000
