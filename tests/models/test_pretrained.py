@@ -117,8 +117,6 @@ def test_offline_and_not_cached_names_url_and_cache_path(monkeypatch, torch_home
 def test_no_published_weights():
     with pytest.raises(DenseNetError, match="no published ImageNet weights for 'densenet264'"):
         densenet.create_model("densenet264", pretrained=True)
-    with pytest.raises(DenseNetError, match="3-channel"):
-        densenet.create_model("densenet121", pretrained=True, in_chans=1)
 
 
 def test_cli_takes_a_model_name(monkeypatch, torch_home, tmp_path, capsys):
@@ -208,3 +206,18 @@ def test_torchvisions_file_format_gives_torchvisions_outputs(monkeypatch, torch_
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), reference(x), rtol=1e-4, atol=1e-5)
     assert metadata["model"] == "densenet121" and metadata["config"]["num_classes"] == 1000
+
+
+def test_other_input_channels_adapt_the_first_convolution(monkeypatch, torch_home):
+    state = cache_tiny_weights(monkeypatch, torch_home)
+    rgb = state["features.conv0.weight"]
+    gray = densenet.create_model("densenet121", pretrained=True, in_chans=1)
+    torch.testing.assert_close(gray.state_dict()["features.conv0.weight"], rgb.sum(dim=1, keepdim=True))
+    assert gray.pretrained_cfg["mean"] == [pytest.approx((0.485 + 0.456 + 0.406) / 3)]
+    # a gray image through the adapted filter = the same image as RGB through the original ones (before the stem BN)
+    x = torch.rand(1, 1, 16, 16)
+    torch.testing.assert_close(gray.features.conv0(x), torch.nn.functional.conv2d(x.expand(1, 3, 16, 16), rgb,
+                                                                                    stride=2, padding=3))
+    five = densenet.create_model("densenet121", pretrained=True, in_chans=5)
+    assert five.state_dict()["features.conv0.weight"].shape[1] == 5 and len(five.pretrained_cfg["std"]) == 5
+    assert all(torch.equal(gray.state_dict()[k], v) for k, v in state.items() if k != "features.conv0.weight")

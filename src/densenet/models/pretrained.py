@@ -110,7 +110,29 @@ def load_pretrained(model: torch.nn.Module, name: str, progress: bool = True) ->
         state = {k: v for k, v in state.items() if k not in classifier}
         state.update({k: v for k, v in own.items() if k.startswith("classifier.")})
         metadata.pop("classes")
+    conv0 = "features.conv0.weight"
+    if conv0 in own and conv0 in state and own[conv0].shape[1] != state[conv0].shape[1]:
+        state = dict(state)
+        state[conv0] = adapt_input_conv(own[conv0].shape[1], state[conv0])
+        metadata["mean"], metadata["std"] = _per_channel(metadata["mean"], own[conv0].shape[1]), \
+            _per_channel(metadata["std"], own[conv0].shape[1])
     load_into(model, state, source=f"{name} weights ({cache_path(torchvision_weights(name))})")
     metadata["config"] = dict(getattr(model, "config", {}))
     model.pretrained_cfg = metadata
     return metadata
+
+
+def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    """RGB first-layer filters for another number of input channels, as timm adapts them: summed over R, G, B
+    for one channel (a gray image then gives the response of the same image in colour); for more channels,
+    R, G, B repeated and scaled by 3 / in_chans so the response keeps its size."""
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_chans // weight.shape[1])
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def _per_channel(values: list[float], in_chans: int) -> list[float]:
+    if in_chans == 1:
+        return [sum(values) / len(values)]
+    return [values[i % len(values)] for i in range(in_chans)]

@@ -84,7 +84,8 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     """Build a named DenseNet, e.g. ``create_model("densenet_bc100_k12", num_classes=100, drop_rate=0.2)``.
 
     pretrained: torchvision's ImageNet weights (densenet121/161/169/201), downloaded once into torch.hub's
-        cache; another ``num_classes`` keeps them all but the classifier. Metadata: ``model.pretrained_cfg``.
+        cache; another ``num_classes`` keeps them all but the classifier, another ``in_chans`` adapts the first
+        convolution as timm does (``pretrained.adapt_input_conv``). Metadata: ``model.pretrained_cfg``.
     features_only, out_indices: a backbone as timm makes it (``densenet.models.features.DenseNetFeatures``):
         forward gives one map per selected dense block; ``feature_info.channels()`` / ``.reduction()``.
     """
@@ -102,8 +103,6 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
         if name not in PRETRAINED:
             raise ConfigError(f"no published ImageNet weights for {name!r}; pretrained=True works for "
                               f"{', '.join(PRETRAINED)}")
-        if config.get("in_chans", 3) != 3:
-            raise ConfigError(f"the pretrained {name} takes 3-channel (RGB) images, not in_chans={config['in_chans']}")
     model = DenseNet(**config)
     if pretrained:
         from densenet.models.pretrained import load_pretrained
