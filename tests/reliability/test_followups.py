@@ -115,6 +115,10 @@ def test_evaluate_json_of_a_diverged_model_is_valid_json_and_fails(capsys, tmp_p
     assert code != 0
     assert result["diverged"] is True and result["top1_error"] is None and result["loss"] is None
     assert_user_error(code, err, "evaluate", "diverged")
+    code, out, err = run_cli(capsys, "evaluate", tmp_path / "diverged.safetensors", "--data-dir", data,
+                             "--device", "cpu", "--workers", 0)
+    assert out == ""
+    assert_user_error(code, err, "evaluate", "the weights diverged", "evaluate an earlier checkpoint")
     code, out, _ = run_cli(capsys, "evaluate", run, "--data-dir", data, "--json", "--device", "cpu", "--workers", 0)
     assert code == 0 and json.loads(out)["diverged"] is False and json.loads(out)["top1_error"] is not None
 
