@@ -178,18 +178,29 @@ def test_check_data_lists_every_broken_file_and_fails(capsys, data):
         path.write_bytes(content)
         bad.append(path)
     (data / "train" / "cat" / "notes.txt").write_text("not an image, not listed by the data sets either")
-    for workers in (1, 2):
-        code, out, err = run_cli(capsys, "check-data", data, "--workers", workers)
+    for extra in (["--workers", 1], ["--workers", 2, "--no-cache"]):
+        code, out, err = run_cli(capsys, "check-data", data, *extra)
         assert code == 1
         lines = out.splitlines()
         assert len(lines) == len(BROKEN_IMAGES)
         for path, (_, _, reason) in zip(bad, BROKEN_IMAGES, strict=True):
             assert any(line.startswith(f"cannot read image {path}: ") and reason in line for line in lines), lines
         assert "checked 11 image files" in err and f"{len(BROKEN_IMAGES)} broken" in err and "Traceback" not in err
+    # the readable files are remembered: a second check decodes only the others
+    code, out, err = run_cli(capsys, "check-data", data)
+    assert code == 1 and len(out.splitlines()) == 3 and "checked 3 image files" in err and "8 more unchanged" in err
     for path in bad:
         path.unlink()
-    code, out, err = run_cli(capsys, "check-data", data / "train", data / "test", "--quiet")
-    assert code == 0 and out == "" and "checked 8 image files" in err and "all readable" in err
+    code, out, err = run_cli(capsys, "check-data", data, "--quiet")
+    assert code == 0 and out == "" and "checked 0 image files" in err and "all readable; 8 more unchanged" in err
+    # a file changed since (new size and time) is decoded again
+    victim = data / "test" / "cat" / "0.png"
+    victim.write_bytes(victim.read_bytes()[:40])
+    code, out, err = run_cli(capsys, "check-data", data, "--quiet")
+    assert code == 1 and out.startswith(f"cannot read image {victim}: ") and "checked 1 image files" in err
+    # folders named one by one have caches of their own
+    code, out, err = run_cli(capsys, "check-data", data / "train", "--quiet")
+    assert code == 0 and "checked 4 image files" in err
 
 
 def test_check_data_bad_arguments(capsys, tmp_path):

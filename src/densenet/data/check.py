@@ -8,11 +8,19 @@ is checked whatever its name) is decoded in full by ``load_image``, exactly as t
 a file this passes will not stop a run. Broken files are printed one a line (``cannot read image FILE:
 REASON``) as they are found, a progress bar runs on stderr, and a summary line ends the check. Exit status:
 0 when every file reads, 1 when some are broken, 2 for bad arguments (a folder that does not exist).
+
+The files found readable are remembered per folder (by path, size and modification time) in a small cache
+beside it (``.densenet-checked-NAME.npy``, or under ~/.cache/densenet when that place is read-only), so a
+second check decodes only new and changed files: after fixing three broken files in ImageNet, the recheck
+takes the time of listing the folder. ``--no-cache`` decodes everything again (a file damaged in place
+without a change of size or time, e.g. by a failing disk, is only found that way).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import multiprocessing
 import os
 import sys
@@ -20,21 +28,53 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from densenet.data.images import IMAGE_EXTENSIONS, load_image
 from densenet.errors import DenseNetError
 
 
-def image_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """The files named, and the image files (by extension) anywhere under the folders named, sorted per folder."""
-    found: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        elif item.exists():
-            found.append(item)
+def image_files(folder: Path) -> list[Path]:
+    """The image files (by extension, as the data sets list them) anywhere under ``folder``, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+class CheckedCache:
+    """The files under one folder that were found readable, as 64-bit keys of (relative path, size, mtime)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        resolved = folder.resolve()
+        name = f".densenet-checked-{resolved.name or 'root'}.npy"
+        if os.access(resolved.parent, os.W_OK):
+            self.path = resolved.parent / name
         else:
-            raise DenseNetError(f"{item}: no such file or folder")
-    return found
+            tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+            self.path = Path.home() / ".cache" / "densenet" / f"{tag}{name}"
+
+    def key(self, path: Path) -> int:
+        """Of a file under the folder: its path relative to the folder, its size and its modification time."""
+        st = path.stat()
+        text = f"{path.relative_to(self.folder)}\0{st.st_size}\0{st.st_mtime_ns}"
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+    def load(self) -> np.ndarray:
+        try:
+            return np.load(self.path, allow_pickle=False).astype(np.uint64)
+        except (OSError, ValueError):
+            return np.empty(0, dtype=np.uint64)  # none yet, or damaged: everything is checked
+
+    def save(self, keys: np.ndarray) -> None:
+        """Best effort: a cache that cannot be written only costs the decoding next time."""
+        from densenet.training.checkpoint import atomic_write
+
+        buffer = io.BytesIO()
+        np.save(buffer, np.unique(keys.astype(np.uint64)))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, lambda f: f.write(buffer.getvalue()))
+        except OSError:
+            pass
 
 
 def _check_one(path: Path) -> str | None:
@@ -76,6 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data folders (e.g. data/mine, /imagenet/train) searched recursively, or image files")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes decoding in parallel (default: one per CPU core)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="decode every file again, even those found readable before and unchanged since")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -84,22 +126,46 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise DenseNetError(f"--workers must be at least 1, got {args.workers}")
-    files = image_files(args.paths)
-    if not files:
+    # Per folder: its cache, the keys of its files known readable and unchanged, and the files to decode.
+    groups: list[tuple[CheckedCache | None, np.ndarray, list[Path]]] = []
+    keys: dict[Path, int] = {}
+    skipped = 0
+    for item in map(Path, args.paths):
+        if item.is_dir():
+            cache = CheckedCache(item)
+            files = image_files(item)
+            current = np.array([keys.setdefault(p, cache.key(p)) for p in files], dtype=np.uint64)
+            known = np.isin(current, np.empty(0, dtype=np.uint64) if args.no_cache else cache.load())
+            skipped += int(known.sum())
+            groups.append((cache, current[known], [p for p, k in zip(files, known, strict=True) if not k]))
+        elif item.exists():
+            groups.append((None, np.empty(0, dtype=np.uint64), [item]))
+        else:
+            raise DenseNetError(f"{item}: no such file or folder")
+    todo = [p for _, _, files in groups for p in files]
+    if not todo and not skipped:
         raise DenseNetError(f"no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) under {', '.join(args.paths)}")
+    broken_paths: set[Path] = set()
     start = time.perf_counter()
-    with tqdm(total=len(files), unit="img", desc="checking", disable=args.quiet, file=sys.stderr,
+    with tqdm(total=len(todo), unit="img", desc="checking", disable=args.quiet, file=sys.stderr,
               mininterval=1.0 if sys.stderr.isatty() else 60.0, dynamic_ncols=True) as bar:
 
         def report(path: Path, reason: str | None) -> None:
             if reason is not None:
+                broken_paths.add(path)
                 bar.write(reason, file=sys.stdout)
                 sys.stdout.flush()
             bar.update(1)
 
-        broken = check_images(files, args.workers, report)
+        broken = check_images(todo, args.workers, report)
     seconds = time.perf_counter() - start
-    print(f"checked {len(files)} image files in {seconds:.1f} s ({len(files) / max(seconds, 1e-9):.0f}/s, "
+    for cache, known, files in groups:
+        if cache is not None:  # what is readable now: the unchanged known files and the new ones that decoded
+            cache.save(np.concatenate([known, np.array([keys[p] for p in files if p not in broken_paths],
+                                                       dtype=np.uint64)]))
+    unchanged = (f"; {skipped} more unchanged since they were last found readable (--no-cache decodes them too)"
+                 if skipped else "")
+    print(f"checked {len(todo)} image files in {seconds:.1f} s ({len(todo) / max(seconds, 1e-9):.0f}/s, "
           f"{args.workers} worker{'s' if args.workers != 1 else ''}): "
-          + (f"{len(broken)} broken" if broken else "all readable"), file=sys.stderr)
+          + (f"{len(broken)} broken" if broken else "all readable") + unchanged, file=sys.stderr)
     return 1 if broken else 0
