@@ -46,7 +46,8 @@ def cache_tiny_weights(monkeypatch, torch_home, corrupt: bool = False, state=Non
     real_size = state is not None
     state = densenet.create_model("densenet121", **TINY).state_dict() if state is None else state
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    # The published 2017 files predate torch's zip format: save those as they are (pickle, weights-only readable).
+    torch.save(state, buffer, _use_new_zipfile_serialization=not real_size)
     blob = buffer.getvalue()
     prefix = hashlib.sha256(blob).hexdigest()[:8]
 
@@ -221,3 +222,29 @@ def test_other_input_channels_adapt_the_first_convolution(monkeypatch, torch_hom
     five = densenet.create_model("densenet121", pretrained=True, in_chans=5)
     assert five.state_dict()["features.conv0.weight"].shape[1] == 5 and len(five.pretrained_cfg["std"]) == 5
     assert all(torch.equal(gray.state_dict()[k], v) for k, v in state.items() if k != "features.conv0.weight")
+
+
+def test_a_cached_file_that_would_run_code_is_refused(monkeypatch, torch_home, capfd):
+    """Only 8 hex digits of SHA-256 are in the name: a forged file can match them; unpickling stays weights-only."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    blob = pickle.dumps({"features.conv0.weight": Evil()}, protocol=2)
+    prefix = hashlib.sha256(blob).hexdigest()[:8]
+
+    class ForgedWeights(WeightsEnum):
+        IMAGENET1K_V1 = Weights(url=f"https://download.example.org/models/densenet121-{prefix}.pth",
+                                transforms=partial(ImageClassification, crop_size=224),
+                                meta=dict(DenseNet121_Weights.IMAGENET1K_V1.meta))
+        DEFAULT = IMAGENET1K_V1
+
+    monkeypatch.setattr(pretrained, "torchvision_weights", lambda name: ForgedWeights.DEFAULT)
+    path = torch_home / "hub" / "checkpoints" / f"densenet121-{prefix}.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(blob)
+    with pytest.raises(DenseNetError, match="refusing to load .*densenet121-[0-9a-f]{8}.pth"):
+        pretrained.pretrained_state_dict("densenet121")
+    assert "this ran" not in capfd.readouterr().out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,14 @@ def pretrained_state_dict(name: str, progress: bool = True) -> dict[str, torch.T
         _check_cached_hash(path, weights.url)
     try:
         # torch.hub announces a download on stdout; keep stdout for results (predict --json, evaluate --json).
+        # weights_only: torch.hub's default is full unpickling, which would run code in a forged cached file
+        # (the name holds only 8 hex digits of the hash, few enough to match by brute force).
         with contextlib.redirect_stdout(sys.stderr):
-            state = weights.get_state_dict(progress=progress, check_hash=True)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a wrong download hash a RuntimeError
+            state = weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights-only unpickling refused it: never run a stranger's code
+        raise DenseNetError(f"refusing to load {path}: it holds objects other than tensors and plain values; "
+                            f"delete it and download {weights.url} again") from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:  # URLError is an OSError; a bad hash RuntimeError
         reason = str(getattr(exc, "reason", "") or exc).strip().splitlines()
         reason = reason[0] if reason else type(exc).__name__
         if path.is_file():  # it was in the cache (and hashed right) but torch could not read it
@@ -114,8 +120,8 @@ def load_pretrained(model: torch.nn.Module, name: str, progress: bool = True) ->
     if conv0 in own and conv0 in state and own[conv0].shape[1] != state[conv0].shape[1]:
         state = dict(state)
         state[conv0] = adapt_input_conv(own[conv0].shape[1], state[conv0])
-        metadata["mean"], metadata["std"] = _per_channel(metadata["mean"], own[conv0].shape[1]), \
-            _per_channel(metadata["std"], own[conv0].shape[1])
+        metadata["mean"] = _per_channel(metadata["mean"], own[conv0].shape[1])
+        metadata["std"] = _per_channel(metadata["std"], own[conv0].shape[1])
     load_into(model, state, source=f"{name} weights ({cache_path(torchvision_weights(name))})")
     metadata["config"] = dict(getattr(model, "config", {}))
     model.pretrained_cfg = metadata
