@@ -79,6 +79,21 @@ def test_a_run_killed_before_its_final_weights_writes_them(capsys, tmp_path, dat
     assert_user_error(code, err, "train", "already finished 2 epochs")
 
 
+def test_a_process_killed_right_after_its_last_checkpoint_gets_its_final_weights(capsys, tmp_path, data, monkeypatch):
+    """A real SIGKILL just after the last checkpoint's rename (1 epoch: checkpoint_last.pt, then _best.pt)."""
+    run = tmp_path / "run"
+    assert run_forked(*_train_args(data, run, epochs=1), fault="after-rename", nth=2) == -9
+    assert load_checkpoint(run / LAST)["epoch"] == 1
+    assert not (run / "model.safetensors").exists() and not (run / "metrics.csv").exists()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    code, out, err = run_cli(capsys, *_train_args(data, run, epochs=1))
+    assert code == 0, err
+    assert "had finished its 1 epoch but not written its final weights" in out
+    state = load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(state[k], v) for k, v in load_checkpoint(run / LAST)["model"].items() if k in state)
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header and epoch 1
+
+
 # -- killed before the first checkpoint ----------------------------------------------------------------------------
 
 def test_a_run_killed_before_its_first_checkpoint_leaves_a_reusable_out(capsys, tmp_path, data):

@@ -83,8 +83,10 @@ def finish_from_checkpoint(run_dir: Path, checkpoint: dict[str, Any], title: str
         model = DenseNet(**checkpoint["model_config"])
         load_into(model, state, source=str(source))
         save_weights(model, run_dir / WEIGHTS, dict(checkpoint["metadata"]))
+        write_metrics(run_dir, history)  # its last row may be missing too: it is written after the checkpoint
         write_curves(run_dir, history, title)
-        print(f"the run in {run_dir} had finished its {checkpoint['epoch']} epochs but not written its final "
+        epochs = f"{checkpoint['epoch']} epoch{'s' if checkpoint['epoch'] != 1 else ''}"
+        print(f"the run in {run_dir} had finished its {epochs} but not written its final "
               f"weights: wrote {run_dir / WEIGHTS} (epoch {reported['epoch']}, test error "
               f"{reported['test_error']:.2f}%)", flush=True)
     return {"run_dir": str(run_dir), "epoch": reported["epoch"], "test_error": reported["test_error"],
