@@ -78,13 +78,16 @@ class CheckedCache:
 
 
 def _check_one(path: Path) -> str | None:
+    """None when ``path`` decodes as training would decode it, else the reason on one line."""
     try:
         load_image(path).close()
     except DenseNetError as exc:
-        return str(exc)
+        reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - anything Pillow raises is a broken file for the data set
-        return f"cannot read image {path}: {type(exc).__name__}: {exc}"
-    return None
+        reason = f"cannot read image {path}: {type(exc).__name__}: {exc}"
+    else:
+        return None
+    return " ".join(reason.split())  # one line per file, whatever the decoder said
 
 
 def check_images(files: Sequence[Path], workers: int = 1,
