@@ -87,7 +87,7 @@ def _check_one(path: Path) -> str | None:
         reason = f"cannot read image {path}: {type(exc).__name__}: {exc}"
     else:
         return None
-    return " ".join(reason.split())  # one line per file, whatever the decoder said
+    return " ".join(line.strip() for line in reason.splitlines())  # one line per file, whatever the decoder said
 
 
 def check_images(files: Sequence[Path], workers: int = 1,
