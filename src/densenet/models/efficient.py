@@ -124,10 +124,54 @@ def _stats(t: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor) -> Tensor:
-    """ReLU(BN(x)) with the given statistics (batch or running): BN's inference kernel, one fresh tensor."""
-    y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, bn.eps, False)
-    return y.relu_()
+def _normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor,
+                    out: Tensor) -> Tensor:
+    """ReLU(BN(x)) with the given statistics (batch or running), written into ``out`` (a workspace view).
+
+    BN's inference transform as ATen computes it on the CPU: alpha = weight / sqrt(var + eps),
+    beta = bias - mean * alpha, y = x * alpha + beta; then ReLU in place. No tensor of x's size is allocated.
+    """
+    invstd = (var + bn.eps).sqrt().reciprocal()
+    alpha = invstd if weight is None else invstd * weight
+    beta = -mean * alpha if bias is None else bias - mean * alpha
+    torch.addcmul(_per_channel(beta), x, _per_channel(alpha), out=out)
+    return out.relu_()
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+class _Workspace:
+    """One flat storage, allocated once per dense block and pass, that every layer reuses.
+
+    The recomputed (or forward) BN-ReLU outputs and their gradients grow by k channels per layer. Allocated
+    fresh at every layer (as torch's kernels do), the freed temporaries of growing size cannot be reused by
+    the next, larger one; glibc's default allocator (heap below its dynamic mmap threshold, up to 32 MB)
+    keeps them, and the process's RSS grows far beyond the live tensors. This is the "shared storage" of
+    Pleiss et al. (2017): storage sized once for the largest layer, of which each layer takes a contiguous
+    prefix, viewed as (N, c, H, W) -- or as channels_last, matching the block's buffer.
+    """
+
+    def __init__(self, like: Tensor, channels: int, dtype: torch.dtype, channels_last: bool) -> None:
+        n, _, h, w = like.shape
+        self.shape = (n, h, w)
+        self.channels_last = channels_last
+        self.storage = torch.empty(n * channels * h * w, dtype=dtype, device=like.device)
+
+    def view(self, channels: int) -> Tensor:
+        n, h, w = self.shape
+        flat = self.storage[: n * channels * h * w]
+        if self.channels_last:
+            return flat.view(n, h, w, channels).permute(0, 3, 1, 2)
+        return flat.view(n, channels, h, w)
+
+
+def _cast_into(t: Tensor, dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
+    """``t`` in the convolution dtype: itself, or a copy in the cast workspace (under autocast)."""
+    if t.dtype == dtype or ws is None:
+        return t.to(dtype)
+    return ws.view(t.shape[1]).copy_(t)
 
 
 def _dropout(t: Tensor, p: float) -> tuple[Tensor, Tensor]:
@@ -153,6 +197,7 @@ def _forward(layers, x: Tensor, params: list, save: bool):
                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     buffer[:, :c_in].copy_(x)
     count = n * h * w
+    ws, cast_ws = _workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last)
     batch_stats = [(_uses_batch_stats(layer.norm1 if layer.bottleneck else layer.norm2),
                     layer.bottleneck and _uses_batch_stats(layer.norm2)) for layer in layers]
     # Per-channel batch statistics of the buffer, computed once per channel as it is written.
@@ -174,10 +219,10 @@ def _forward(layers, x: Tensor, params: list, save: bool):
                 _update_running_stats(first, mean, var, count)
             else:
                 mean, var = first.running_mean, first.running_var
-            y = _normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var)
+            y = _normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.view(c))
             record: list[Tensor | None] = [mean, var]
             if layer.bottleneck:
-                mid = _conv(y, lp[2], layer.conv1, conv_dtype)
+                mid = _conv(_cast_into(y, conv_dtype, cast_ws), lp[2], layer.conv1, conv_dtype)
                 del y
                 mask1 = None
                 if layer.drop_rate > 0 and layer.training:
@@ -187,9 +232,9 @@ def _forward(layers, x: Tensor, params: list, save: bool):
                     _update_running_stats(layer.norm2, mean2, var2, count)
                 else:
                     mean2, var2 = layer.norm2.running_mean, layer.norm2.running_var
-                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2)
+                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.view(mid.shape[1]))
                 record += [mid, mask1, mean2, var2]
-            new = _conv(y, lp[-1], layer.conv2, conv_dtype)
+            new = _conv(_cast_into(y, conv_dtype, cast_ws), lp[-1], layer.conv2, conv_dtype)
             del y
             mask2 = None
             if layer.drop_rate > 0 and layer.training:
@@ -203,8 +248,20 @@ def _forward(layers, x: Tensor, params: list, save: bool):
             c += growth
             if save:
                 saved.extend(record)
-    meta = dict(conv_dtype=conv_dtype, c_in=c_in, growth=growth, batch_stats=batch_stats)
+    del ws, cast_ws
+    meta = dict(conv_dtype=conv_dtype, c_in=c_in, growth=growth, batch_stats=batch_stats,
+                channels_last=channels_last)
     return buffer, dict(tensors=saved, meta=meta)
+
+
+def _workspaces(layers, buffer: Tensor, c_in: int, growth: int, conv_dtype: torch.dtype, channels_last: bool):
+    """The block's workspace (buffer dtype) and, under autocast, a second one for the conv-dtype copies."""
+    widest = c_in + (len(layers) - 1) * growth
+    if layers[0].bottleneck:
+        widest = max(widest, layers[0].conv1.out_channels)
+    ws = _Workspace(buffer, widest, buffer.dtype, channels_last)
+    cast_ws = None if conv_dtype == buffer.dtype else _Workspace(buffer, widest, conv_dtype, channels_last)
+    return ws, cast_ws
 
 
 # --- backward ----------------------------------------------------------------------------------------
@@ -217,6 +274,31 @@ def _no_autocast(device_type: str):
 def _undrop(grad: Tensor, mask: Tensor | None, p: float) -> Tensor:
     # Exactly the standard mode's gradient through input * (mask / (1 - p)).
     return grad if mask is None else grad * mask.to(grad.dtype).div_(1 - p)
+
+
+def _bn_backward_(grad: Tensor, inp: Tensor, bn: nn.BatchNorm2d, weight, mean: Tensor, var: Tensor, batch: bool,
+                  scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """BN's backward pass in place: ``grad`` (a workspace view) becomes the input gradient.
+
+    ATen's CPU formulas (batch_norm_backward_cpu_template): with xmu = x - mean and dotp = sum(dy * xmu),
+    training: dx = (dy - sum(dy)/M - xmu * dotp * invstd^2 / M) * invstd * weight; running statistics:
+    dx = dy * invstd * weight; grad_weight = dotp * invstd, grad_bias = sum(dy). ``scratch`` (the other
+    workspace view, free by then) holds xmu, so nothing of the input's size is allocated.
+    """
+    dims = (0, 2, 3)
+    invstd = (var + bn.eps).sqrt().reciprocal()
+    sum_dy = grad.sum(dims, dtype=mean.dtype)
+    torch.sub(inp, _per_channel(mean), out=scratch)
+    dotp = scratch.mul_(grad).sum(dims, dtype=mean.dtype)
+    scale = invstd if weight is None else invstd * weight
+    if batch:
+        count = grad.numel() // grad.shape[1]
+        torch.sub(inp, _per_channel(mean), out=scratch)
+        scratch.mul_(_per_channel(dotp * invstd * invstd / count))
+        grad.sub_(_per_channel(sum_dy / count)).sub_(scratch)
+    grad.mul_(_per_channel(scale))
+    grad_weight = None if weight is None else (dotp * invstd).to(weight.dtype)
+    return grad, grad_weight, sum_dy
 
 
 def _bn_backward(grad: Tensor, inp: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor,
@@ -235,10 +317,45 @@ def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Conv2d, d
     return grad_in, grad_w.to(weight.dtype)
 
 
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+
+
+def _pointwise_conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, dtype: torch.dtype, out: Tensor,
+                             channels_last: bool) -> Tensor:
+    """A 1x1 convolution's backward pass as matrix products: the input gradient goes into ``out``.
+
+    ``inp`` and ``out`` are workspace views in the conv dtype; torch's convolution_backward would allocate
+    the input gradient (N, c, H, W) anew at every layer. Returns the weight gradient (in weight's dtype).
+    """
+    w2 = weight.to(dtype).flatten(1)  # (k_out, c)
+    grad = grad.to(dtype)
+    n, c = inp.shape[:2]
+    if channels_last:
+        g2 = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])
+        torch.mm(g2, w2, out=out.permute(0, 2, 3, 1).view(-1, c))
+        grad_w = torch.mm(g2.t(), inp.permute(0, 2, 3, 1).reshape(-1, c))
+    else:
+        g3 = grad.contiguous().view(n, w2.shape[0], -1)
+        x3, o3 = inp.view(n, c, -1), out.view(n, c, -1)
+        grad_w = torch.mm(g3[0], x3[0].t())
+        torch.mm(w2.t(), g3[0], out=o3[0])
+        for i in range(1, n):
+            grad_w.addmm_(g3[i], x3[i].t())
+            torch.mm(w2.t(), g3[i], out=o3[i])
+    return grad_w.view_as(weight).to(weight.dtype)
+
+
 def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Tensor):
     conv_dtype, c_in, growth = meta["conv_dtype"], meta["c_in"], meta["growth"]
+    channels_last = meta["channels_last"]
     grad = grad_out.to(buffer.dtype).clone(memory_format=torch.preserve_format)
     grad_params: list[Tensor | None] = [None] * len(params)
+    # Two workspaces for the whole block: the recomputed BN-ReLU outputs (then BN's scratch) and their
+    # gradients; plus, under autocast, one for the conv-dtype copies.
+    ws_y, cast_ws = _workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last)
+    ws_g = _Workspace(buffer, ws_y.storage.numel() // (buffer.shape[0] * buffer.shape[2] * buffer.shape[3]),
+                      buffer.dtype, channels_last)
     # Where each layer's parameters and saved tensors start, in forward order.
     starts, p, t = [], 0, 0
     for layer in layers:
@@ -258,25 +375,39 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
             # conv2's input, recomputed: ReLU(BN2(bottleneck output)), or ReLU(BN(block maps)) in a basic layer.
             if layer.bottleneck:
                 mid, mask1, mean2, var2 = record[2:6]
-                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2)
-            else:
-                y = _normalize_relu(inp, layer.norm2, lp[0], lp[1], mean, var)
-            g, grad_params[p + len(lp) - 1] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
-            g = aten.threshold_backward(g.to(y.dtype), y, 0)
-            del y
-            if layer.bottleneck:
+                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws_y.view(mid.shape[1]))
+                g, grad_params[p + len(lp) - 1] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
+                g = aten.threshold_backward(g.to(y.dtype), y, 0)
+                del y
                 g, grad_params[p + 3], grad_params[p + 4] = _bn_backward(
                     g, mid, layer.norm2, lp[3], lp[4], mean2, var2, second_batch)
                 g = _undrop(g, mask1, layer.drop_rate)
-                y = _normalize_relu(inp, layer.norm1, lp[0], lp[1], mean, var)
-                g, grad_params[p + 2] = _conv_backward(g, y, lp[2], layer.conv1, conv_dtype)
-                g = aten.threshold_backward(g.to(y.dtype), y, 0)
-                del y
-                first_bn = layer.norm1
+                first_bn, conv, weight = layer.norm1, layer.conv1, lp[2]
+                w_index = p + 2
             else:
-                first_bn = layer.norm2
-            g, grad_params[p], grad_params[p + 1] = _bn_backward(g, inp, first_bn, lp[0], lp[1], mean, var,
-                                                                 first_batch)
-            grad[:, :c] += g
+                first_bn, conv, weight = layer.norm2, layer.conv2, lp[-1]
+                w_index = p + len(lp) - 1
+            # The first BN-ReLU over the block's c maps and the convolution after it: every tensor of the
+            # block's width lives in the two workspaces.
+            y = _normalize_relu(inp, first_bn, lp[0], lp[1], mean, var, ws_y.view(c))
+            gy = ws_g.view(c)
+            if _is_pointwise(conv):
+                y_c = _cast_into(y, conv_dtype, cast_ws)
+                out = gy if cast_ws is None else cast_ws.view(c)  # y_c is no longer needed once grad_w is
+                grad_params[w_index] = _pointwise_conv_backward(g, y_c, weight, conv_dtype, out, channels_last)
+                if cast_ws is not None:
+                    gy.copy_(out)
+            else:
+                g_in, grad_params[w_index] = _conv_backward(g, y, weight, conv, conv_dtype)
+                gy.copy_(g_in)
+                del g_in
             del g
+            aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
+            gy, grad_params[p], grad_params[p + 1] = _bn_backward_(gy, inp, first_bn, lp[0], mean, var,
+                                                                   first_batch, scratch=y)
+            if lp[0] is None:
+                grad_params[p] = None
+            grad_params[p + 1] = grad_params[p + 1].to(lp[1].dtype) if lp[1] is not None else None
+            grad[:, :c] += gy
+            del y, gy
     return grad[:, :c_in], grad_params
