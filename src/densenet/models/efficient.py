@@ -159,6 +159,10 @@ class _Workspace:
         self.channels_last = channels_last
         self.storage = torch.empty(n * channels * h * w, dtype=dtype, device=like.device)
 
+    @classmethod
+    def per_sample(cls, like: Tensor, channels: int, dtype: torch.dtype, channels_last: bool) -> _Workspace:
+        return cls(like[:1], channels, dtype, channels_last)
+
     def view(self, channels: int) -> Tensor:
         n, h, w = self.shape
         flat = self.storage[: n * channels * h * w]
@@ -346,16 +350,89 @@ def _pointwise_conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, dtype: t
     return grad_w.view_as(weight).to(weight.dtype)
 
 
+def _pointwise_first_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor,
+                              var: Tensor, batch: bool, weight: Tensor, dtype: torch.dtype, grad: Tensor,
+                              gy: Tensor, sample: _Workspace, sample_cast: _Workspace | None,
+                              channels_last: bool):
+    """The backward pass of conv1x1(ReLU(BN(x))) over the block's c maps, one sample at a time.
+
+    ``g`` is the gradient of the 1x1 convolution's output. The recomputed BN-ReLU output is needed only
+    sample by sample (for the weight gradient, the ReLU mask, BN's x - mean), so it lives in a ONE-SAMPLE
+    workspace: the full-batch copy the report's shared storage would hold is never materialized. The input
+    gradient of the BN-ReLU (``gy``, a workspace view of the block's width) is the only full-batch tensor,
+    because BN's input gradient needs batch sums of it. The block gradient ``grad[:, :c]`` receives
+    (gy - sum(gy)/M - (x - mean) * k) * invstd * weight (ATen's CPU formulas, see _bn_backward_).
+    Returns the gradients of the convolution weight, the BN weight and the BN bias.
+    """
+    n, c = inp.shape[:2]
+    acc = mean.dtype
+    invstd = (var + bn.eps).sqrt().reciprocal()
+    alpha = invstd if bn_weight is None else invstd * bn_weight
+    beta = -mean * alpha if bn_bias is None else bn_bias - mean * alpha
+    alpha3, beta3, mean3 = alpha.view(-1, 1, 1), beta.view(-1, 1, 1), mean.view(-1, 1, 1)
+    w2 = weight.to(dtype).flatten(1)  # (k_out, c)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = g.to(dtype).contiguous(memory_format=fmt)
+    y = sample.view(c)[0]
+    y_c = y if sample_cast is None else sample_cast.view(c)[0]
+
+    def matrix(t: Tensor) -> Tensor:  # one sample's (channels, H, W) as a matrix over its memory layout
+        return t.permute(1, 2, 0).reshape(-1, t.shape[0]) if channels_last else t.reshape(t.shape[0], -1)
+
+    grad_w = None
+    sum_dy = torch.zeros(c, dtype=acc, device=inp.device)
+    dotp = torch.zeros(c, dtype=acc, device=inp.device)
+    for i in range(n):
+        torch.addcmul(beta3, inp[i], alpha3, out=y).relu_()
+        if sample_cast is not None:
+            y_c.copy_(y)
+        g2, y2, gy2 = matrix(g[i]), matrix(y_c), matrix(gy[i])
+        out = gy2 if sample_cast is None else y2  # under autocast: y_c is free once grad_w has it
+        if channels_last:  # rows: pixels
+            grad_w = torch.mm(g2.t(), y2) if grad_w is None else grad_w.addmm_(g2.t(), y2)
+            torch.mm(g2, w2, out=out)
+        else:  # rows: channels
+            grad_w = torch.mm(g2, y2.t()) if grad_w is None else grad_w.addmm_(g2, y2.t())
+            torch.mm(w2.t(), g2, out=out)
+        if sample_cast is not None:
+            gy2.copy_(out)
+        aten.threshold_backward.grad_input(gy[i], y, 0, grad_input=gy[i])
+        sum_dy += gy[i].sum((1, 2), dtype=acc)
+        torch.sub(inp[i], mean3, out=y)
+        dotp += y.mul_(gy[i]).sum((1, 2), dtype=acc)
+    scale3 = (invstd if bn_weight is None else invstd * bn_weight).view(-1, 1, 1)
+    if batch:
+        count = n * inp.shape[2] * inp.shape[3]
+        k3, mean_dy3 = (dotp * invstd * invstd / count).view(-1, 1, 1), (sum_dy / count).view(-1, 1, 1)
+        for i in range(n):
+            torch.sub(inp[i], mean3, out=y).mul_(k3)
+            gy[i].sub_(mean_dy3).sub_(y)
+    grad[:, :c].addcmul_(gy, scale3.unsqueeze(0))
+    grad_bn_weight = None if bn_weight is None else (dotp * invstd).to(bn_weight.dtype)
+    grad_bn_bias = None if bn_bias is None else sum_dy.to(bn_bias.dtype)
+    return grad_w.view_as(weight).to(weight.dtype), grad_bn_weight, grad_bn_bias
+
+
 def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Tensor):
     conv_dtype, c_in, growth = meta["conv_dtype"], meta["c_in"], meta["growth"]
     channels_last = meta["channels_last"]
     grad = grad_out.to(buffer.dtype).clone(memory_format=torch.preserve_format)
     grad_params: list[Tensor | None] = [None] * len(params)
-    # Two workspaces for the whole block: the recomputed BN-ReLU outputs (then BN's scratch) and their
-    # gradients; plus, under autocast, one for the conv-dtype copies.
+    # The block's workspaces (see _Workspace): the gradients of the first BN-ReLU (full batch, the block's
+    # width); the recomputed BN-ReLU outputs: one sample of the block's width and the full batch of the
+    # bottleneck width where every first convolution is 1x1 (DenseNet-BC), else the full batch of the block's
+    # width (then also BN's scratch); plus, under autocast, the same for the conv-dtype copies.
     ws_y, cast_ws = _workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last)
-    ws_g = _Workspace(buffer, ws_y.storage.numel() // (buffer.shape[0] * buffer.shape[2] * buffer.shape[3]),
-                      buffer.dtype, channels_last)
+    widest = ws_y.storage.numel() // (buffer.shape[0] * buffer.shape[2] * buffer.shape[3])
+    ws_g = _Workspace(buffer, widest, buffer.dtype, channels_last)
+    pointwise = all(layer.bottleneck and _is_pointwise(layer.conv1) for layer in layers)
+    if pointwise:
+        bottleneck = layers[0].conv1.out_channels
+        ws_y = _Workspace(buffer, bottleneck, buffer.dtype, channels_last)
+        cast_ws = None
+        sample = _Workspace.per_sample(buffer, widest, buffer.dtype, channels_last)
+        sample_cast = (None if conv_dtype == buffer.dtype else
+                       _Workspace.per_sample(buffer, widest, conv_dtype, channels_last))
     # Where each layer's parameters and saved tensors start, in forward order.
     starts, p, t = [], 0, 0
     for layer in layers:
@@ -388,7 +465,13 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 first_bn, conv, weight = layer.norm2, layer.conv2, lp[-1]
                 w_index = p + len(lp) - 1
             # The first BN-ReLU over the block's c maps and the convolution after it: every tensor of the
-            # block's width lives in the two workspaces.
+            # block's width lives in the workspaces.
+            if pointwise:
+                grad_params[w_index], grad_params[p], grad_params[p + 1] = _pointwise_first_backward(
+                    g, inp, first_bn, lp[0], lp[1], mean, var, first_batch, weight, conv_dtype, grad,
+                    ws_g.view(c), sample, sample_cast, channels_last)
+                del g
+                continue
             y = _normalize_relu(inp, first_bn, lp[0], lp[1], mean, var, ws_y.view(c))
             gy = ws_g.view(c)
             if _is_pointwise(conv):
