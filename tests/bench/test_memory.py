@@ -14,7 +14,8 @@ def test_bench_memory_smoke(tmp_path, capsys):
     records = json.loads(results.read_text())
     assert {(r["model"], r["mode"]) for r in records} == {
         (f"densenet_bc{d}_k4", m) for d in (10,) for m in ("standard", "efficient")}
-    assert all(r["step_mb"] >= 0 and r["seconds_per_step"] > 0 and r["batch"] == 2 for r in records)
+    assert all(r["peak_mb"] >= 0 and r["live_mb"] >= 0 and r["seconds_per_step"] > 0 and r["batch"] == 2
+               for r in records)
     table = markdown.read_text()
     assert "| densenet_bc10_k4 | 2 | ours, memory-efficient |" in table and "densenet bench memory" in table
     assert plot.read_bytes()[:4] == b"\x89PNG"

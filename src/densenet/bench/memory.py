@@ -4,13 +4,16 @@ For each model (default DenseNet-BC k=12 at depths 40, 100, 160, 250, and DenseN
 mode -- ours standard, ours memory-efficient, torchvision's ``memory_efficient`` DenseNet (gradient
 checkpointing) and torchvision's standard DenseNet, both built to the same architecture -- it measures
 
-- memory: in a FRESH subprocess per (model, mode), one SGD training step (zero_grad(set_to_none), forward,
-  cross-entropy, backward, SGD-momentum update) after one warm-up step. Reported: peak RSS during the step
-  (VmHWM, reset just before it through /proc/self/clear_refs) minus the RSS just before it. That is the
-  activations plus the gradients (freed between steps by set_to_none) plus temporaries: the memory a step
-  needs beyond the model, optimizer state and the input batch. glibc is told to mmap every allocation over
-  64 KiB (mallopt M_MMAP_THRESHOLD), so freed tensors go back to the system at once and RSS follows the
-  live tensors rather than the allocator's cache. On CUDA: torch.cuda.max_memory_allocated instead.
+- memory, first what a user sees: in a FRESH subprocess per (model, mode), under the DEFAULT allocator,
+  the peak RSS over two SGD training steps (zero_grad(set_to_none), forward, cross-entropy, backward,
+  SGD-momentum update) minus the RSS after building the model and the batch (VmHWM, reset through
+  /proc/self/clear_refs just after the build). That includes the gradients, the momentum buffers, one-time
+  allocations of the first step, and whatever freed memory the allocator keeps instead of returning it:
+  the process's real cost. On CUDA: torch.cuda.max_memory_reserved (what the caching allocator holds).
+- memory, second, the live tensors: the same in another fresh subprocess with glibc told to mmap every
+  allocation over 64 KiB (mallopt M_MMAP_THRESHOLD), so freed tensors go back to the system at once and
+  RSS follows the live tensors rather than the allocator's cache (about 40% slower steps; nobody trains
+  like this). On CUDA: torch.cuda.max_memory_allocated, from the same run.
 - time: in one subprocess per model, all modes built side by side and stepped interleaved (A B C D A B ...)
   after a warm-up round, default allocator; the median seconds per step of --repeats rounds.
 
@@ -51,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per measurement (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per model (0: memory only)")
+    parser.add_argument("--no-live", action="store_true",
+                        help="skip the live-tensor (mmap threshold 64 KiB) measurement on CPU")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", type=Path, default=Path("docs/memory.json"),
                         help="JSON file the measurements accumulate in (default docs/memory.json)")
@@ -82,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         common = dict(model=name, batch=args.batch_size, size=args.input_size, threads=args.threads,
                       device=args.device)
-        memory = {mode: _subprocess("memory", dict(common, mode=mode)) for mode in args.modes}
+        memory = {mode: _measure_memory(dict(common, mode=mode), live=not args.no_live) for mode in args.modes}
         times = _subprocess("time", dict(common, modes=args.modes, repeats=args.repeats)) if args.repeats else {}
         for mode in args.modes:
-            record = dict(common, mode=mode, command=command.strip(), date=date, **memory[mode],
+            record = dict(common, mode=mode, command=command.strip(), date=date, cpu=_cpu_model(), **memory[mode],
                           seconds_per_step=times.get(mode))
             records.append(record)
             print(_line(record), flush=True)
@@ -98,9 +103,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or 'unknown CPU'}, {os.cpu_count()} CPUs"
+
+
 def _line(r: dict) -> str:
     t = f"{r['seconds_per_step']:.2f} s/step" if r.get("seconds_per_step") else "-"
-    return f"{r['model']:<22} batch {r['batch']:<4} {r['mode']:<22} {r['step_mb']:>9.0f} MB  {t}"
+    live = f"{r['live_mb']:.0f}" if r.get("live_mb") is not None else "-"
+    return (f"{r['model']:<22} batch {r['batch']:<4} {r['mode']:<22} peak {r['peak_mb']:>7.0f} MB  "
+            f"live {live:>6} MB  {t}")
+
+
+def _measure_memory(spec: dict, live: bool) -> dict:
+    """The user's figure (default allocator) and, unless skipped, the live-tensor figure (CPU: mmap run)."""
+    out = _subprocess("memory", dict(spec, allocator="default"))
+    if spec["device"] == "cpu":
+        out["live_mb"] = _subprocess("memory", dict(spec, allocator="mmap"))["peak_mb"] if live else None
+    return out
 
 
 # --- measurement, in fresh subprocesses ---------------------------------------------------------------
@@ -148,7 +172,7 @@ def _worker(kind: str, spec_json: str) -> None:
     import ctypes
 
     spec = json.loads(spec_json)
-    if kind == "memory" and spec["device"] == "cpu":
+    if kind == "memory" and spec["device"] == "cpu" and spec["allocator"] == "mmap":
         ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (see the module docstring)
     import torch
 
@@ -162,22 +186,27 @@ def _worker(kind: str, spec_json: str) -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if kind == "memory":
         step = steps[spec["mode"]]
-        step()  # warm-up: gradients, momentum buffers, one-time allocations
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
+            base_reserved = torch.cuda.memory_reserved(device)
         else:
             base = _rss()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
         start = time.perf_counter()
-        step()
+        for _ in range(2):
+            step()
         sync()
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss("VmHWM")
-        print(json.dumps(dict(step_mb=(peak - base) / 2**20, before_mb=base / 2**20, peak_mb=peak / 2**20,
-                              memory_step_seconds=seconds)))
+        seconds = (time.perf_counter() - start) / 2
+        if device.type == "cuda":
+            allocated = torch.cuda.max_memory_allocated(device) - base
+            reserved = torch.cuda.max_memory_reserved(device) - base_reserved
+            result = dict(peak_mb=reserved / 2**20, live_mb=allocated / 2**20)
+        else:
+            result = dict(peak_mb=(_rss("VmHWM") - base) / 2**20)
+        print(json.dumps(dict(result, before_mb=base / 2**20, memory_step_seconds=seconds)))
         return
     samples: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_ in range(spec["repeats"] + 1):
@@ -210,6 +239,7 @@ def _step_fn(model, x, y):
 
 def _merge(path: Path, records: list[dict]) -> list[dict]:
     old = json.loads(path.read_text()) if path.exists() else []
+    old = [r for r in old if "peak_mb" in r]  # records of the earlier one-step, live-tensor-only method
     key = lambda r: (r["model"], r["batch"], r["size"], r["mode"], r["device"], r["threads"])  # noqa: E731
     new_keys = {key(r) for r in records}
     merged = [r for r in old if key(r) not in new_keys] + records
@@ -238,33 +268,45 @@ HEADER = """# Training memory: standard vs memory-efficient DenseNet
 
 Written by `densenet bench memory` (src/densenet/bench/memory.py); rerun it to refresh this file.
 
-- **step memory**: in a fresh process per (model, mode), after one warm-up training step: the peak RSS during
-  one training step (SGD with momentum; zero_grad(set_to_none=True), forward, cross-entropy, backward, update)
-  minus the RSS just before it. That is activations + gradients + temporaries, i.e. what a step needs beyond
-  the model, its optimizer state and the input batch. glibc mmaps every allocation over 64 KiB
-  (`mallopt(M_MMAP_THRESHOLD)`), so freed tensors leave RSS at once and it follows the live tensors.
+- **peak RSS (default allocator)**, what a user gets: in a fresh process per (model, mode), glibc's default
+  allocator, no MALLOC_* variables: the peak RSS over two SGD training steps (zero_grad(set_to_none=True),
+  forward, cross-entropy, backward, SGD-momentum update) minus the RSS after building the model and the
+  batch. It includes the gradients, the momentum buffers, the first step's one-time allocations and the
+  freed memory the allocator keeps. On CUDA: torch.cuda.max_memory_reserved.
+- **live tensors (mmap threshold 64 KiB)**, second: the same in another fresh process where glibc mmaps every
+  allocation over 64 KiB (`mallopt(M_MMAP_THRESHOLD)`), so freed tensors leave RSS at once and it follows the
+  live tensors (a lower bound; steps are much slower this way). On CUDA: torch.cuda.max_memory_allocated.
 - **s/step**: median of the timed rounds in one process holding all modes, stepped interleaved after a warm-up
-  round (default allocator). CPU, 32x32 inputs, 10 classes, fp32, `--threads` torch threads.
-- Modes: ours standard (`memory_efficient=False`), ours memory-efficient (shared buffer, BN-ReLU recomputed),
-  torchvision's `DenseNet(memory_efficient=True)` (gradient checkpointing) and torchvision's standard DenseNet,
-  both with the stem replaced by one 3x3 convolution: the same architecture and parameters as ours.
+  round (default allocator), so the speed ratio holds even on a loaded machine (this one was: other jobs
+  shared its 2 cores). CPU, 32x32 inputs, 10 classes, fp32, `--threads` torch threads.
+- Modes: ours standard (`memory_efficient=False`), ours memory-efficient (shared buffer, BN-ReLU recomputed
+  into per-block workspaces), torchvision's `DenseNet(memory_efficient=True)` (gradient checkpointing) and
+  torchvision's standard DenseNet, both with the stem replaced by one 3x3 convolution: the same architecture
+  and parameters as ours.
 
 """
 
 
 def format_markdown(records: list[dict]) -> str:
-    lines = ["| model | batch | mode | step memory (MB) | vs ours standard | s/step | speed vs ours standard |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| model | batch | mode | peak RSS, default allocator (MB) | vs ours standard | "
+             "live tensors, mmap threshold (MB) | vs ours standard | s/step | speed vs ours standard |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(r: dict, base: dict | None, field: str) -> str:
+        return f"{r[field] / base[field]:.0%}" if base and r.get(field) and base.get(field) else "-"
+
     for r in records:
         base = next((b for b in records if b["mode"] == "standard" and
                      all(b[k] == r[k] for k in ("model", "batch", "size", "device", "threads"))), None)
-        mem_ratio = f"{r['step_mb'] / base['step_mb']:.0%}" if base else "-"
         t = r.get("seconds_per_step")
         speed = f"{base['seconds_per_step'] / t:.2f}x" if base and t and base.get("seconds_per_step") else "-"
-        lines.append(f"| {r['model']} | {r['batch']} | {LABELS[r['mode']]} | {r['step_mb']:.0f} | {mem_ratio} | "
+        live = f"{r['live_mb']:.0f}" if r.get("live_mb") is not None else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {LABELS[r['mode']]} | {r['peak_mb']:.0f} | "
+                     f"{ratio(r, base, 'peak_mb')} | {live} | {ratio(r, base, 'live_mb')} | "
                      f"{f'{t:.2f}' if t else '-'} | {speed} |")
-    runs = sorted({(r["date"], r["command"]) for r in records})
-    lines += ["", "Measured by:", ""] + [f"- {date}: `{cmd}`" for date, cmd in runs]
+    runs = sorted({(r["date"], r["command"], r.get("cpu")) for r in records}, key=lambda run: run[:2])
+    lines += ["", "Measured by:", ""] + [f"- {date}: `{cmd}`" + (f" ({cpu})" if cpu else "")
+                                         for date, cmd, cpu in runs]
     return HEADER + "\n".join(lines) + "\n"
 
 
@@ -278,13 +320,13 @@ def plot(records: list[dict], path: Path) -> None:
     groups = sorted({(r["batch"], _growth(r["model"])) for r in records})
     for batch, k in groups:
         for mode in MODES:
-            pts = sorted((_depth(r["model"]), r["step_mb"]) for r in records
+            pts = sorted((_depth(r["model"]), r["peak_mb"]) for r in records
                          if r["mode"] == mode and r["batch"] == batch and _growth(r["model"]) == k)
             if len(pts) >= 2:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=f"{LABELS[mode]} (k={k}, batch {batch})")
     ax.set_xlabel("depth (DenseNet-BC)")
-    ax.set_ylabel("training-step memory (MB)")
-    ax.set_title("Peak memory of one training step, CPU")
+    ax.set_ylabel("peak RSS over two SGD steps (MB)")
+    ax.set_title("Training memory, CPU, default allocator")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)

@@ -10,7 +10,15 @@ DenseNets", 2017). Here instead
   (two cheap element-wise passes) from the buffer and from the saved batch mean and 1/std;
 - what is stored per layer is linear in depth: the bottleneck's 1x1-convolution output (4k maps, as in
   the technical report, whose shared storage covers the concatenation and the BN outputs), the dropout
-  masks (bool) and per-channel statistics.
+  masks (bool) and per-channel statistics;
+- nothing of the block's growing width is allocated per layer (see _Workspace): the BN-ReLU outputs, in
+  the forward pass and recomputed in the backward pass, and their gradients go into workspaces allocated
+  once per block and pass, sized for the widest layer. Torch's kernels would return a new tensor of
+  (N, C_in + l*k, H, W) at every layer l; glibc's default allocator cannot reuse the freed smaller ones
+  for the next larger one and keeps them, so a user's process grew to 39% of the standard mode's peak
+  instead of the ~21% its live tensors need. In DenseNet-BC blocks the backward pass of the first BN-ReLU
+  and 1x1 convolution runs one sample at a time (_pointwise_first_backward), so the recomputed BN-ReLU
+  output needs a one-sample workspace only; its gradient needs the full batch (BN's batch sums).
 
 The batch statistics of a channel never change once it is written, so each channel's batch mean and
 variance are computed once, when it enters the buffer, and every later layer's BN1 reuses them (the
@@ -18,9 +26,12 @@ standard mode recomputes them over the whole concatenation in every layer). BN r
 updated exactly once per training forward; the recomputation uses the saved batch statistics and leaves
 them alone (torch.utils.checkpoint based versions update them twice).
 
-The backward pass is written out with torch's own kernels (native_batch_norm_backward,
-convolution_backward), one layer at a time, accumulating into one gradient buffer. Same modules, same
-parameters, same state dict as the standard mode: only DenseBlock.forward differs.
+The backward pass is written out one layer at a time, accumulating into one gradient buffer: with torch's
+own kernels (native_batch_norm_backward, convolution_backward) where the tensors have a constant size
+(the bottleneck's), and, for the block's width, with ATen's CPU formulas written in place into the
+workspaces (BN, ReLU) and matrix products with ``out=`` (the 1x1 convolution). The results equal the
+standard mode's up to rounding (tests/models/test_efficient.py: float64, every gradient and BN buffer).
+Same modules, same parameters, same state dict as the standard mode: only DenseBlock.forward differs.
 """
 
 from __future__ import annotations
@@ -325,31 +336,6 @@ def _is_pointwise(conv: nn.Conv2d) -> bool:
     return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
 
 
-def _pointwise_conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, dtype: torch.dtype, out: Tensor,
-                             channels_last: bool) -> Tensor:
-    """A 1x1 convolution's backward pass as matrix products: the input gradient goes into ``out``.
-
-    ``inp`` and ``out`` are workspace views in the conv dtype; torch's convolution_backward would allocate
-    the input gradient (N, c, H, W) anew at every layer. Returns the weight gradient (in weight's dtype).
-    """
-    w2 = weight.to(dtype).flatten(1)  # (k_out, c)
-    grad = grad.to(dtype)
-    n, c = inp.shape[:2]
-    if channels_last:
-        g2 = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])
-        torch.mm(g2, w2, out=out.permute(0, 2, 3, 1).view(-1, c))
-        grad_w = torch.mm(g2.t(), inp.permute(0, 2, 3, 1).reshape(-1, c))
-    else:
-        g3 = grad.contiguous().view(n, w2.shape[0], -1)
-        x3, o3 = inp.view(n, c, -1), out.view(n, c, -1)
-        grad_w = torch.mm(g3[0], x3[0].t())
-        torch.mm(w2.t(), g3[0], out=o3[0])
-        for i in range(1, n):
-            grad_w.addmm_(g3[i], x3[i].t())
-            torch.mm(w2.t(), g3[i], out=o3[i])
-    return grad_w.view_as(weight).to(weight.dtype)
-
-
 def _pointwise_first_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor,
                               var: Tensor, batch: bool, weight: Tensor, dtype: torch.dtype, grad: Tensor,
                               gy: Tensor, sample: _Workspace, sample_cast: _Workspace | None,
@@ -429,7 +415,6 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
     if pointwise:
         bottleneck = layers[0].conv1.out_channels
         ws_y = _Workspace(buffer, bottleneck, buffer.dtype, channels_last)
-        cast_ws = None
         sample = _Workspace.per_sample(buffer, widest, buffer.dtype, channels_last)
         sample_cast = (None if conv_dtype == buffer.dtype else
                        _Workspace.per_sample(buffer, widest, conv_dtype, channels_last))
@@ -474,17 +459,9 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 continue
             y = _normalize_relu(inp, first_bn, lp[0], lp[1], mean, var, ws_y.view(c))
             gy = ws_g.view(c)
-            if _is_pointwise(conv):
-                y_c = _cast_into(y, conv_dtype, cast_ws)
-                out = gy if cast_ws is None else cast_ws.view(c)  # y_c is no longer needed once grad_w is
-                grad_params[w_index] = _pointwise_conv_backward(g, y_c, weight, conv_dtype, out, channels_last)
-                if cast_ws is not None:
-                    gy.copy_(out)
-            else:
-                g_in, grad_params[w_index] = _conv_backward(g, y, weight, conv, conv_dtype)
-                gy.copy_(g_in)
-                del g_in
-            del g
+            g_in, grad_params[w_index] = _conv_backward(g, y, weight, conv, conv_dtype)
+            gy.copy_(g_in)
+            del g, g_in
             aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
             gy, grad_params[p], grad_params[p + 1] = _bn_backward_(gy, inp, first_bn, lp[0], mean, var,
                                                                    first_batch, scratch=y)
