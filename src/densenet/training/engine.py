@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +118,12 @@ def autocast(device: torch.device, amp: str):
 
 def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, epoch: int,
                     device: torch.device, info: Dist, amp: str = "none", scaler=None, quiet: bool = False,
-                    total_epochs: int | None = None) -> Stats:
+                    total_epochs: int | None = None, *, forward: Callable | None = None,
+                    scheduler=None, label_smoothing: float = 0.0) -> Stats:
+    """One pass over the training batches. ``forward`` (default: ``model``) computes the logits, e.g. the
+    compiled module of training/fast.py; ``scheduler``, when given, is stepped after every optimiser step."""
     model.train()
+    forward = forward or model
     loss_sum = correct = seen = 0.0
     start = time.perf_counter()
     show = not quiet and info.is_main and sys.stderr.isatty()
@@ -131,8 +135,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.o
               leave=False, dynamic_ncols=True) as bar:
         for step, (x, y) in enumerate(batches.epoch(epoch)):
             with autocast(device, amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
+                logits = forward(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
             bad = not bool(torch.isfinite(loss))
             if broadcast_flag(bad, info, device):
                 raise NonFiniteLoss(f"the loss became {loss.item() if bad else 'non-finite on another rank'} "
@@ -146,6 +150,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.o
             else:
                 loss.backward()
                 optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             n = y.shape[0]
             loss_sum += loss.item() * n
             correct += (logits.argmax(1) == y).sum().item()
@@ -166,15 +172,24 @@ def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.o
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, info: Dist,
-             amp: str = "none") -> Stats:
-    """Loss, top-1 and top-5 error (percent) over the whole split; ten-crop inputs (B, 10, C, H, W) averaged."""
+             amp: str = "none", *, forward: Callable | None = None, tta: str = "none") -> Stats:
+    """Loss, top-1 and top-5 error (percent) over the whole split; ten-crop inputs (B, 10, C, H, W) averaged.
+
+    ``tta="flip"`` averages the softmax of each image and of its mirror image (left-right), as ten-crop does
+    for its crops. ``forward`` (default: ``model``) computes the logits.
+    """
     model.eval()
+    forward = forward or model
     loss_sum = top1 = top5 = seen = 0.0
     start = time.perf_counter()
     for x, y in batches.epoch(0):
         crops = x.shape[1] if x.dim() == 5 else 0
+        if tta == "flip":
+            x = torch.stack([x, x.flip(-1)], dim=1) if not crops else torch.cat([x, x.flip(-1)], dim=1)
+            crops = x.shape[1]
+        inputs = batches._finish(x.flatten(0, 1)) if crops else x
         with autocast(device, amp):
-            logits = model(x.flatten(0, 1) if crops else x).float()
+            logits = forward(inputs).float()
         if crops:
             logits = logits.view(-1, crops, logits.shape[-1]).softmax(-1).mean(1).log()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()

@@ -33,6 +33,9 @@ DATASET_DEFAULTS: dict[str, tuple[str, int, int, list[int] | None]] = {
 RECIPE_INFO = ("description",)
 
 
+_FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "lr_gamma", "warmup", "label_smoothing", "drop_rate")
+
+
 @dataclass
 class TrainOptions:
     dataset: str = "digits"
@@ -47,6 +50,11 @@ class TrainOptions:
     weight_decay: float = 1e-4
     milestones: list[int] | None = None
     lr_gamma: float = 0.1
+    schedule: Literal["step", "onecycle", "cosine"] = "step"  # step: the paper's; see training/schedule.py
+    warmup: float = 0.25  # onecycle/cosine: the fraction of all steps spent warming up
+    weight_decay_on: Literal["all", "weights"] = "all"  # weights: conv/linear weights only, not BN or biases
+    label_smoothing: float = 0.0
+    tta: Literal["none", "flip"] = "none"  # test-time augmentation of every evaluation: flip = image + mirror
     drop_rate: float | None = None
     augment: Literal["standard", "none"] | None = None
     input_size: int | None = None
@@ -56,7 +64,8 @@ class TrainOptions:
     workers: int = 4
     threads: int | None = None  # CPU threads for torch (default: torch's choice, one per core)
     amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: when the run is long enough to pay for compiling
+    channels_last: bool | None = None  # None: where it is faster (with compile); see training/fast.py
     memory_efficient: bool = False
     init: str | None = None
     out: str | None = None
@@ -65,6 +74,13 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         check_dataset(self.dataset)
+        for name in _FLOAT_FIELDS:  # YAML reads 5e-4 (no dot) as a string
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise ConfigError(f"--{name.replace('_', '-')} must be a number, not {value!r}") from None
         model, epochs, batch_size, milestones = DATASET_DEFAULTS[self.dataset]
         self.model = self.model or model
         self.epochs = epochs if self.epochs is None else self.epochs
@@ -105,6 +121,16 @@ class TrainOptions:
                                      ("amp", self.amp, ("none", "bf16", "fp16"))):
             if value not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+        for name, value, allowed in (("schedule", self.schedule, ("step", "onecycle", "cosine")),
+                                     ("weight-decay-on", self.weight_decay_on, ("all", "weights")),
+                                     ("tta", self.tta, ("none", "flip")),
+                                     ("compile", self.compile, ("auto", "on", "off"))):
+            if value not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"--warmup must be a fraction in [0, 1), not {self.warmup}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
         if any(not isinstance(m, int) or m <= 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
             raise ConfigError(f"milestones must be increasing positive epochs, not {self.milestones}")
 
@@ -132,6 +158,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of option: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data.pop("runtime", None)  # a run folder's config.yaml records the path it ran; a recipe does not set it
     info = {k: data.pop(k) for k in list(data) if k in RECIPE_INFO or k.startswith("paper_")}
     info.update(data.pop("info", None) or {})
     unknown = sorted(set(data) - FIELDS)

@@ -24,11 +24,11 @@ import yaml
 from densenet.data.datasets import DATASETS, Data, load_data, subset
 from densenet.errors import ConfigError, DenseNetError
 from densenet.models import create_model
-from densenet.training import distributed, run_folder
+from densenet.training import distributed, fast, run_folder
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
 from densenet.training.engine import Batches, NonFiniteLoss, Stats, epoch_seed, evaluate, train_one_epoch
 from densenet.training.options import TrainOptions, resolve_options
-from densenet.training.schedule import build_optimizer, build_scheduler
+from densenet.training.schedule import build_optimizer, build_scheduler, per_step
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,9 +41,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--download", action="store_true", default=None, help="download CIFAR/SVHN when missing (needs internet)")
     add("--epochs", type=int)
     add("--batch-size", type=int, help="total over all processes (paper: 64 CIFAR/SVHN, 256 ImageNet)")
-    add("--lr", type=float, help="initial learning rate (paper: 0.1), divided by 10 at 50%% and 75%%")
-    add("--milestones", type=int, nargs="+", metavar="EPOCH", help="epochs where the rate is divided by 10")
-    add("--weight-decay", type=float)
+    add("--lr", type=float, help="initial (step) or peak (onecycle, cosine) learning rate (paper: 0.1)")
+    add("--schedule", choices=["step", "onecycle", "cosine"], help="step (the paper's, default): the rate divided "
+        "by 10 at --milestones; onecycle: linear warm-up to --lr then linear decay to zero, per step; cosine: "
+        "warm-up then cosine decay to zero, per step (short runs learn most with onecycle)")
+    add("--warmup", type=float, metavar="FRACTION", help="onecycle/cosine: fraction of the steps spent warming up "
+        "(default 0.25)")
+    add("--milestones", type=int, nargs="+", metavar="EPOCH", help="step schedule: epochs where the rate is "
+        "divided by 10 (default 50%% and 75%% of the epochs)")
+    add("--weight-decay", type=float, help="L2 weight decay (paper: 1e-4)")
+    add("--weight-decay-on", choices=["all", "weights"], help="all parameters (the paper's, default) or the "
+        "conv/linear weights only (not BN scales, biases)")
+    add("--label-smoothing", type=float, metavar="EPS", help="cross-entropy against (1-EPS) one-hot + EPS uniform "
+        "(default 0)")
+    add("--tta", choices=["none", "flip"], help="test-time augmentation of every evaluation: flip averages the "
+        "softmax of each image and its mirror image (default none)")
     add("--drop-rate", type=float, help="dropout after each convolution (paper: 0.2 without augmentation)")
     add("--augment", choices=["standard", "none"], help="standard: the paper's (pad-crop-flip; ImageNet: "
         "fb.resnet.torch); default by data set")
@@ -56,7 +68,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, help="CPU threads (1 is faster on a busy machine: no waiting on a preempted thread)")
     add("--amp", choices=["none", "bf16", "fp16"], help="mixed precision: bf16 autocast, or fp16 with a "
         "gradient scaler (CUDA)")
-    add("--channels-last", action="store_true", default=None)
+    add("--compile", choices=["auto", "on", "off"], help="torch.compile the training step: auto (default) when the "
+        "run is long enough to pay for compiling (see densenet/training/fast.py)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory layout "
+        "(default: with compile or CUDA, where it is faster)")
+    add("--eager", action="store_true", default=None, help="plain eager PyTorch, NCHW: the same as --compile off "
+        "--no-channels-last")
     add("--memory-efficient", action="store_true", default=None, help="shared-storage dense blocks (less memory)")
     add("--init", metavar="WEIGHTS", help="start from these weights (a new classifier if the classes differ)")
     add("--out", metavar="RUN_DIR", help="the run folder (default runs/<dataset>-<model>-<time>)")
@@ -64,13 +81,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--quiet", action="store_true", default=None, help="no progress bar")
 
 
-_FLAG_OPTIONS = ("model", "dataset", "data_dir", "download", "epochs", "batch_size", "lr", "milestones",
-                 "weight_decay", "drop_rate", "augment", "input_size", "train_subset", "seed", "device", "workers",
-                 "threads", "amp", "channels_last", "memory_efficient", "init", "out", "quiet")
+_FLAG_OPTIONS = ("model", "dataset", "data_dir", "download", "epochs", "batch_size", "lr", "schedule", "warmup",
+                 "milestones", "weight_decay", "weight_decay_on", "label_smoothing", "tta", "drop_rate", "augment",
+                 "input_size", "train_subset", "seed", "device", "workers", "threads", "amp", "compile",
+                 "channels_last", "memory_efficient", "init", "out", "quiet")
 
 
 def run_train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name, None) for name in _FLAG_OPTIONS}
+    if getattr(args, "eager", None):
+        if args.compile not in (None, "off") or args.channels_last:
+            raise ConfigError("--eager means --compile off and --no-channels-last; drop one of them")
+        overrides.update(compile="off", channels_last=False)
     train(recipe=args.config, overrides=overrides, resume=args.resume)
     return 0
 
@@ -178,6 +200,8 @@ def _restarted_run(recipe: str | None, overrides: dict[str, Any] | None) -> Path
         saved = yaml.safe_load((Path(out) / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return None
+    if isinstance(saved, dict):
+        saved.pop("runtime", None)  # what the path was (training/fast.py), not an option
     return Path(out) if saved == resolve_options(recipe, overrides).to_dict() else None
 
 
@@ -192,10 +216,13 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         data.train = subset(data.train, options.train_subset, options.seed)
     torch.manual_seed(options.seed)
     model = _build_model(options, data).to(device)
-    if options.channels_last:
+    train_batches = Batches(data, data.train, per_rank, info, device, train=True,
+                            augment=options.augment == "standard", seed=options.seed, workers=options.workers)
+    runtime = fast.plan(options, device, total_steps=len(train_batches) * options.epochs)
+    if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, options)
-    scheduler = build_scheduler(optimizer, options)
+    scheduler = build_scheduler(optimizer, options, steps_per_epoch=len(train_batches))
     scaler = torch.amp.GradScaler("cuda") if options.amp == "fp16" else None
     start_epoch, history, best = 0, [], {"metric": "val_error" if data.val is not None else "test_error",
                                          "value": math.inf, "epoch": 0}
@@ -215,12 +242,16 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     if info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    train_batches = Batches(data, data.train, per_rank, info, device, train=True,
-                            augment=options.augment == "standard", seed=options.seed, workers=options.workers,
-                            channels_last=options.channels_last)
+    train_batches.channels_last = runtime.channels_last
     eval_batches = {name: Batches(data, split, per_rank * 2, info, device, train=False, workers=options.workers,
-                                  channels_last=options.channels_last)
+                                  channels_last=runtime.channels_last)
                     for name, split in (("val", data.val), ("test", data.test)) if split is not None}
+    train_forward = eval_forward = None
+    if runtime.compile:
+        views = 2 if options.tta == "flip" else 1
+        train_forward = fast.StaticBatchModule(net, {per_rank}, say=_say if info.is_main else lambda _: None)
+        eval_forward = fast.StaticBatchModule(model, {per_rank * 2 * views * c for c in (1, 10)},
+                                              say=_say if info.is_main else lambda _: None)
     if run_dir is None:  # only rank 0 writes (or checks) the folder; a rank checking after rank 0 wrote would fail
         run_dir = (run_folder.new_run_dir(options.out, options.dataset, options.model) if info.is_main
                    else Path(options.out or "runs"))
@@ -228,20 +259,27 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     board = None
     if info.is_main:  # created only now, after every option and the data were checked
         run_folder.make_run_dir(run_dir)
-        run_folder.write_config(run_dir, options.to_dict())
+        run_folder.write_config(run_dir, options.to_dict() | {"runtime": runtime.to_dict()})
         board = run_folder.TensorBoard(run_dir)
         _say(f"training {options.model} on {options.dataset} ({len(data.train)} images, {data.num_classes} "
              f"classes) for {options.epochs} epochs on {device}"
              + (f" x {info.world_size} processes" if info.enabled else "") + f" -> {run_dir}")
+        _say(f"path: {'compiled' if runtime.compile else 'eager'}, "
+             f"{'channels_last' if runtime.channels_last else 'NCHW'}, {runtime.threads} threads, "
+             f"precision {'fp32' if options.amp == 'none' else options.amp} ({runtime.reason})")
     try:
         for epoch in range(start_epoch, options.epochs):
             _seed_epoch(options.seed, epoch, info.rank)
             lr = optimizer.param_groups[0]["lr"]
             stats = train_one_epoch(net, train_batches, optimizer, epoch, device, info, options.amp, scaler,
-                                    options.quiet, options.epochs)
-            scheduler.step()
+                                    options.quiet, options.epochs, forward=train_forward,
+                                    scheduler=scheduler if per_step(options) else None,
+                                    label_smoothing=options.label_smoothing)
+            if not per_step(options):
+                scheduler.step()
             # The bare model: ranks may see different numbers of test batches, and DDP's forward would sync.
-            results = {name: evaluate(model, b, device, info, options.amp) for name, b in eval_batches.items()}
+            results = {name: evaluate(model, b, device, info, options.amp, forward=eval_forward, tta=options.tta)
+                       for name, b in eval_batches.items()}
             if not all(math.isfinite(r.loss) for r in results.values()):  # finite training loss, diverged weights
                 raise NonFiniteLoss(f"the {'/'.join(results)} loss became non-finite after epoch {epoch + 1}: the "
                                     f"weights diverged; stopped without saving them, the last good checkpoint "

@@ -1,0 +1,105 @@
+"""The fastest correct training path for this run, chosen without flags: compile, memory layout, threads.
+
+``densenet train`` calls ``plan(...)`` once it knows the model, the device and the number of steps:
+
+- **torch.compile** (inductor) when the run has enough steps to pay for compiling (a minute or two on a
+  2-core CPU; see ``COMPILE_MIN_STEPS``), on CPU and CUDA, single process or DDP. Not for the
+  memory-efficient mode, whose hand-written autograd Function inductor cannot fuse (it runs eager, said in
+  one line). Inductor's on-disk caches (FX graph and AOTAutograd) live in ``~/.cache/densenet/inductor``
+  unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise, so a second run of the same network compiles from cache.
+  The compiled graph has a fixed batch size: a smaller last batch runs the same module eagerly instead of
+  compiling a second graph. If compiling fails (no C++ compiler, an unsupported op), the run goes on
+  eagerly and says so.
+- **channels_last** where it wins: with compile (inductor's convolutions prefer NHWC on CPU and CUDA)
+  and on CUDA; eager on CPU stays NCHW, where our concatenation-free block is fastest.
+- **threads**: torch's default (one per core), except for the 8x8 digits (see options.py).
+
+``--compile off`` (or ``on``), ``--channels-last``/``--no-channels-last`` and ``--threads`` override each
+choice, ``--eager`` turns off both compile and channels_last; config.yaml records what ran (``runtime``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# A run shorter than this many optimiser steps stays eager: compiling a DenseNet's training step costs about
+# 30-100 s on a 2-core CPU, the time of a few hundred eager steps of a CIFAR model.
+COMPILE_MIN_STEPS = 2000
+
+
+@dataclass
+class Runtime:
+    """What the training path is, as recorded in config.yaml under ``runtime``."""
+
+    compile: bool
+    channels_last: bool
+    threads: int
+    device: str
+    amp: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"torch": str(torch.__version__)}
+
+
+def plan(options, device: torch.device, total_steps: int) -> Runtime:
+    """Decide compile / channels_last for this run from the options (None or "auto": decide here)."""
+    if options.compile == "on":
+        compile_, reason = True, "--compile on"
+    elif options.compile == "off":
+        compile_, reason = False, "--compile off"
+    elif options.memory_efficient:
+        compile_, reason = False, "memory-efficient blocks run eagerly (inductor cannot fuse their autograd Function)"
+    elif total_steps < COMPILE_MIN_STEPS:
+        compile_, reason = False, f"{total_steps} steps: too short to pay for compiling (< {COMPILE_MIN_STEPS})"
+    else:
+        compile_, reason = True, f"{total_steps} steps: compiled"
+    if options.compile == "on" and options.memory_efficient:
+        compile_, reason = False, "memory-efficient blocks run eagerly (inductor cannot fuse their autograd Function)"
+    channels_last = options.channels_last
+    if channels_last is None:
+        channels_last = compile_ or device.type == "cuda"
+    return Runtime(compile=compile_, channels_last=bool(channels_last), threads=torch.get_num_threads(),
+                   device=str(device), amp=options.amp, reason=reason)
+
+
+def inductor_cache_dir() -> Path:
+    """Where inductor keeps compiled kernels and graphs between runs (created on first use)."""
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not path:
+        path = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "densenet" / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return Path(path)
+
+
+class StaticBatchModule:
+    """Calls the compiled module for batches of the compiled size and the plain module otherwise.
+
+    One compiled graph per mode (train, eval) and batch size: the last, smaller batch of an epoch runs
+    eagerly instead of triggering a recompilation (tens of seconds on a CPU). The first compiled call that
+    fails (no C++ compiler, an op inductor does not know) turns compiling off for the rest of the run, with
+    one line saying why; the step is then run eagerly.
+    """
+
+    def __init__(self, module: torch.nn.Module, batch_sizes: set[int], say=print) -> None:
+        self.module = module
+        self.batch_sizes = set(batch_sizes)
+        self.say = say
+        inductor_cache_dir()
+        self.compiled: Any = torch.compile(module, dynamic=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None or x.shape[0] not in self.batch_sizes:
+            return self.module(x)
+        try:
+            return self.compiled(x)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, the run goes on
+            self.compiled = None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.say(f"torch.compile failed ({type(exc).__name__}: {first[:200]}); training on eagerly")
+            return self.module(x)

@@ -1,0 +1,177 @@
+"""The fast training path (training/fast.py) and the short-run recipe options (schedule, label smoothing,
+weight decay on weights only, flip test-time augmentation)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from densenet.cli import main
+from densenet.errors import ConfigError
+from densenet.models import create_model
+from densenet.models.densenet import DenseNet
+from densenet.training import fast
+from densenet.training.engine import Stats, evaluate
+from densenet.training.options import TrainOptions, resolve_options
+from densenet.training.schedule import build_optimizer, build_scheduler, per_step
+
+TINY = ["--model", "densenet_bc10_k4", "--batch-size", "128", "--quiet", "--threads", "1"]
+
+
+def test_auto_compiles_only_runs_long_enough_to_pay_for_it():
+    cpu = torch.device("cpu")
+    short = fast.plan(TrainOptions(), cpu, total_steps=fast.COMPILE_MIN_STEPS - 1)
+    assert not short.compile and not short.channels_last and "too short" in short.reason
+    long = fast.plan(TrainOptions(dataset="cifar10"), cpu, total_steps=300 * 782)
+    assert long.compile and long.channels_last
+    forced = fast.plan(TrainOptions(compile="on"), cpu, total_steps=10)
+    assert forced.compile
+    eager = fast.plan(TrainOptions(dataset="cifar10", compile="off", channels_last=False), cpu, total_steps=10**6)
+    assert not eager.compile and not eager.channels_last
+    efficient = fast.plan(TrainOptions(dataset="cifar10", memory_efficient=True), cpu, total_steps=10**6)
+    assert not efficient.compile and "memory-efficient" in efficient.reason
+    nhwc_eager = fast.plan(TrainOptions(channels_last=True, compile="off"), cpu, total_steps=10)
+    assert nhwc_eager.channels_last and not nhwc_eager.compile
+
+
+@pytest.mark.slow
+def test_compiled_training_step_equals_eager(monkeypatch, tmp_path):
+    """Two SGD steps through torch.compile give the eager loss, gradients and weights within fp32 tolerance."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    eager = DenseNet(growth_rate=4, block_config=(2, 2), stem="cifar", num_classes=5)
+    compiled = DenseNet(growth_rate=4, block_config=(2, 2), stem="cifar", num_classes=5)
+    compiled.load_state_dict(eager.state_dict())
+    compiled = compiled.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 8, 8)
+    y = torch.randint(0, 5, (8,))
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    opt_c = torch.optim.SGD(compiled.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    forward = fast.StaticBatchModule(compiled, {8}, say=pytest.fail)
+    for _ in range(2):
+        losses = []
+        for model, call, opt, inp in ((eager, eager, opt_e, x),
+                                      (compiled, forward, opt_c, x.contiguous(memory_format=torch.channels_last))):
+            opt.zero_grad()
+            loss = F.cross_entropy(call(inp), y, label_smoothing=0.1)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert forward.compiled is not None  # it really ran compiled, no fallback
+    # A batch of another size runs the plain module (no second graph), with the same result.
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(forward(x[:3]), eager(x[:3]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_line(monkeypatch):
+    said = []
+    model = create_model("densenet_bc10_k4", num_classes=3, in_chans=1)
+    forward = fast.StaticBatchModule(model, {2}, say=said.append)
+
+    def broken(x):
+        raise RuntimeError("no C++ compiler\nlong details")
+    forward.compiled = broken
+    x = torch.randn(2, 1, 8, 8)
+    model.eval()
+    torch.testing.assert_close(forward(x), model(x))
+    assert forward.compiled is None and len(said) == 1 and "no C++ compiler" in said[0] and "eagerly" in said[0]
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_short_run_schedules_step_per_batch_warm_up_and_end_near_zero(schedule):
+    options = TrainOptions(dataset="cifar10", epochs=4, lr=0.2, schedule=schedule, warmup=0.25)
+    assert per_step(options)
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, options)
+    scheduler = build_scheduler(optimizer, options, steps_per_epoch=10)
+    seen = []
+    for _ in range(40):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = seen.index(max(seen))
+    assert max(seen) == pytest.approx(0.2, rel=0.03) and 8 <= peak <= 10  # warm-up: a quarter of the 40 steps
+    assert all(a <= b for a, b in zip(seen[:peak], seen[1:peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(seen[peak:], seen[peak + 1:], strict=False))
+    assert seen[0] < 0.05 and seen[-1] < 0.02
+
+
+def test_weight_decay_on_weights_only_spares_bn_and_biases():
+    model = create_model("densenet_bc10_k4", num_classes=3)
+    groups = build_optimizer(model, TrainOptions(weight_decay=5e-4, weight_decay_on="weights")).param_groups
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0
+    assert id(model.classifier.weight) in decayed and id(model.features.conv0.weight) in decayed
+    assert id(model.classifier.bias) not in decayed and id(model.features.norm5.weight) not in decayed
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    paper = build_optimizer(model, TrainOptions()).param_groups
+    assert len(paper) == 1 and paper[0]["weight_decay"] == 1e-4
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("schedule", "linear", "--schedule"), ("warmup", 1.0, "--warmup"), ("label_smoothing", 1.0, "--label-smoothing"),
+    ("tta", "ten", "--tta"), ("compile", "yes", "--compile"), ("weight_decay_on", "bn", "--weight-decay-on"),
+    ("weight_decay", "lots", "--weight-decay must be a number"),
+])
+def test_bad_recipe_options_are_config_errors(field, value, words):
+    with pytest.raises(ConfigError, match=words):
+        TrainOptions(**{field: value})
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: cifar10\nweight_decay: 5e-4\nlr: 2e-1\n")  # YAML 1.1 reads these as strings
+    options = resolve_options(recipe)
+    assert options.weight_decay == 5e-4 and options.lr == 0.2
+
+
+class _Batches:
+    channels_last = False
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def epoch(self, epoch):
+        yield self.x, self.y
+
+    def _finish(self, x):
+        return x
+
+
+def test_flip_tta_averages_the_softmax_of_image_and_mirror():
+    from densenet.training.distributed import Dist
+
+    torch.manual_seed(0)
+    model = create_model("densenet_bc10_k4", num_classes=4)
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    stats = evaluate(model, _Batches(x, y), torch.device("cpu"), Dist(), tta="flip")
+    with torch.no_grad():
+        probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+    expected = F.nll_loss(probs.log(), y).item()
+    assert isinstance(stats, Stats) and stats.n == 6
+    assert stats.loss == pytest.approx(expected, rel=1e-5)
+    assert stats.error == pytest.approx(100.0 * (probs.argmax(1) != y).float().mean().item())
+    plain = evaluate(model, _Batches(x, y), torch.device("cpu"), Dist())
+    assert plain.loss != pytest.approx(stats.loss)  # the mirror really changed something
+
+
+def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--schedule", "onecycle", "--lr", "0.2", "--label-smoothing", "0.1",
+                 "--weight-decay-on", "weights", "--tta", "flip", "--eager", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "path: eager, NCHW, 1 threads, precision fp32 (--compile off)" in out
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["runtime"]["compile"] is False and config["runtime"]["channels_last"] is False
+    assert config["schedule"] == "onecycle" and config["tta"] == "flip" and config["label_smoothing"] == 0.1
+    # The run folder's config.yaml is a valid recipe again (its runtime record is not an option).
+    assert resolve_options(run / "config.yaml").schedule == "onecycle"
+    capsys.readouterr()
+    assert main(["train", *TINY, "--eager", "--compile", "on", "--out", str(tmp_path / "x")]) == 2  # contradictory
+    assert "--eager means --compile off" in capsys.readouterr().err and not (tmp_path / "x").exists()
