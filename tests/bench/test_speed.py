@@ -61,3 +61,28 @@ def test_timing_summary():
     t = Timing([4.0, 1.0, 2.0, 3.0, 5.0], images=10, flops=100.0).summarise(peak_flops=1000.0)
     assert (t.min_s, t.median_s, t.max_s) == (1.0, 3.0, 5.0)
     assert t.images_per_s == pytest.approx(10 / 3) and t.peak_fraction == pytest.approx(100 / 3 / 1000)
+
+
+def test_bench_paths_row_for_the_default_training_path(capsys, monkeypatch):
+    """The "paths" task: our default training path beside torchvision's eager and compiled settings. torch.compile
+    is replaced by the identity here (the suite stays eager; tests/training/test_fast_path.py checks compiling)."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    code = main(["bench", "speed", "--model", "densenet_bc16_k4", "--input-size", "8", "--batch-size", "4",
+                 "--tasks", "paths", "--repeats", "2", "--warmup", "0", "--matmul-size", "256", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    paths = report["paths"]
+    assert list(paths["timings"]) == ["ours default", "ours eager NCHW", "ours eager channels_last",
+                                      "torchvision eager NCHW", "torchvision eager channels_last",
+                                      "torchvision compiled channels_last"]
+    assert paths["settings"]["ours default"] == {"channels_last": True, "compiled": True}  # a long run's choice
+    assert paths["settings"]["ours eager NCHW"] == {"channels_last": False, "compiled": False}
+    ips = {name: t["images_per_s"] for name, t in paths["timings"].items()}
+    best = max(("torchvision eager NCHW", "torchvision eager channels_last"), key=ips.get)
+    assert paths["best_torchvision_eager"] == best
+    assert paths["default_vs_best_torchvision_eager"] == pytest.approx(ips["ours default"] / ips[best])
+    assert paths["default_vs_ours_eager_nchw"] == pytest.approx(ips["ours default"] / ips["ours eager NCHW"])
+    assert report["results"] == []
+    assert main(["bench", "speed", "--model", "densenet_bc16_k4", "--input-size", "8", "--batch-size", "4",
+                 "--tasks", "paths", "--repeats", "1", "--warmup", "0", "--matmul-size", "256"]) == 0
+    assert "**ours default** (compiled, channels_last)" in capsys.readouterr().out

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import statistics
@@ -145,14 +146,15 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                precision: str) -> Callable[[], None]:
+                precision: str, forward: Callable | None = None) -> Callable[[], None]:
+    forward = forward or model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=True)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, precision):
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(forward(x), y)
         loss.backward()
         optimizer.step()
     return step
@@ -198,6 +200,50 @@ def profile_step(step: Callable[[], None], steps: int = 2) -> dict[str, float]:
     return totals
 
 
+# The "paths" task: training settings timed side by side, ours first. "ours default" is what ``densenet train``
+# runs for a long run (training/fast.py decides it); the others are fixed settings.
+PATHS = ("ours default", "ours eager NCHW", "ours eager channels_last", "torchvision eager NCHW",
+         "torchvision eager channels_last", "torchvision compiled channels_last")
+
+
+def run_paths(args: argparse.Namespace, ours: DenseNet, reference: nn.Module, size: int, macs: float,
+              device: torch.device, batch: int, peak: float) -> dict:
+    """One training step of each of PATHS, interleaved in one process; images/s and the two ratios."""
+    from densenet.training import fast
+    from densenet.training.options import TrainOptions
+
+    runtime = fast.plan(TrainOptions(dataset="cifar10", amp="bf16" if args.precision == "bf16" else "none"),
+                        device, total_steps=10**6)  # a long run: what densenet train chooses for it
+    y = torch.randint(0, max(ours.num_classes, 1), (batch,), device=device)
+    calls, settings = {}, {}
+    for name in PATHS:
+        source = ours if name.startswith("ours") else reference
+        net = copy.deepcopy(source).to(device).train()
+        if name == "ours default":
+            channels_last, compiled = runtime.channels_last, runtime.compile
+        else:
+            channels_last, compiled = "channels_last" in name, "compiled" in name
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        forward = fast.StaticBatchModule(net, {batch}) if compiled else net
+        x = _input(batch, ours, size, device, channels_last)
+        calls[name] = _train_step(net, x, y, device, args.precision, forward=forward)
+        settings[name] = dict(channels_last=channels_last, compiled=compiled)
+    start = time.perf_counter()
+    for call in calls.values():  # compile (or warm up) each before timing
+        call()
+    setup_s = time.perf_counter() - start
+    samples = _interleaved(calls, device, args.warmup, args.repeats)
+    flops = 3 * 2 * macs * batch
+    timings = {name: Timing(samples[name], batch, flops).summarise(peak) for name in calls}
+    best_eager = max((n for n in PATHS if n.startswith("torchvision eager")), key=lambda n: timings[n].images_per_s)
+    default = timings["ours default"]
+    return dict(batch_size=batch, settings=settings, setup_s=setup_s, best_torchvision_eager=best_eager,
+                timings={n: asdict(t) for n, t in timings.items()},
+                default_vs_best_torchvision_eager=default.images_per_s / timings[best_eager].images_per_s,
+                default_vs_ours_eager_nchw=default.images_per_s / timings["ours eager NCHW"].images_per_s)
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Measure every task in ``args.tasks``; returns a JSON-ready dict (see ``format_markdown``)."""
     if args.threads:
@@ -216,7 +262,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     train_batch = args.batch_size or (16 if size >= 128 else 64)
     results: list[TaskResult] = []
     profiles: dict[str, dict[str, float]] = {}
-    for task in args.tasks:
+    paths = None
+    if "paths" in args.tasks:
+        paths = run_paths(args, ours, reference, size, macs, device, train_batch, peak)
+    for task in [t for t in args.tasks if t != "paths"]:
         batch = {"train": train_batch, "infer": args.infer_batch_size, "latency": 1}[task]
         x = _input(batch, ours, size, device, args.channels_last)
         if task == "train":
@@ -246,7 +295,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         machine=dict(processor=platform.processor() or platform.machine(), torch=torch.__version__,
                      gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
         matmul_peak_flops=peak, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        results=[asdict(r) for r in results], train_profile=profiles,
+        results=[asdict(r) for r in results], train_profile=profiles, paths=paths,
     )
 
 
@@ -261,6 +310,8 @@ def format_markdown(report: dict) -> str:
              "| task | batch | ours img/s | torchvision img/s | ours/torchvision | per round (min-max) | ours % peak "
              "| torchvision % peak |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    if report.get("paths"):
+        lines += _format_paths(report["paths"])
     for r in report["results"]:
         o, t = r["ours"], r["torchvision"]
 
@@ -277,10 +328,31 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_paths(p: dict) -> list[str]:
+    lines = ["", f"Training step, batch {p['batch_size']}: `densenet train`'s default path for a long run against "
+             f"fixed settings (interleaved; compiling and warm-up took {p['setup_s']:.0f} s before timing)", "",
+             "| training path | img/s (min-max) | vs ours eager NCHW | % peak |", "|---|---:|---:|---:|"]
+    base = p["timings"]["ours eager NCHW"]["images_per_s"]
+    for name, t in p["timings"].items():
+        setting = p["settings"][name]
+        label = name if name != "ours default" else ("**ours default** (" + ("compiled" if setting["compiled"]
+                                                     else "eager") + (", channels_last" if setting["channels_last"]
+                                                                      else ", NCHW") + ")")
+        lines.append(f"| {label} | {t['images_per_s']:.1f} ({t['images'] / t['max_s']:.1f}-"
+                     f"{t['images'] / t['min_s']:.1f}) | {t['images_per_s'] / base:.2f}x | "
+                     f"{100 * t['peak_fraction']:.0f}% |")
+    lines += ["", f"Ours default / best torchvision eager ({p['best_torchvision_eager']}): "
+              f"**{p['default_vs_best_torchvision_eager']:.2f}x**; ours default / ours eager NCHW: "
+              f"**{p['default_vs_ours_eager_nchw']:.2f}x**", ""]
+    return lines
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a DenseNet-BC or ImageNet name, e.g. densenet_bc100_k12")
-    parser.add_argument("--tasks", nargs="+", choices=("train", "infer", "latency"),
-                        default=["train", "infer", "latency"])
+    parser.add_argument("--tasks", nargs="+", choices=("train", "infer", "latency", "paths"),
+                        default=["train", "infer", "latency"],
+                        help="paths: densenet train's default training path against torchvision's eager NCHW, eager "
+                        "channels_last and compiled settings (compiles two networks: minutes on a CPU)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
     parser.add_argument("--channels-last", action="store_true", help="both networks and inputs channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
