@@ -175,3 +175,13 @@ def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", *TINY, "--eager", "--compile", "on", "--out", str(tmp_path / "x")]) == 2  # contradictory
     assert "--eager means --compile off" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_amp_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fast, "native_bf16", lambda device: True)
+    assert fast.plan(TrainOptions(amp="auto"), cpu, total_steps=10).amp == "bf16"
+    monkeypatch.setattr(fast, "native_bf16", lambda device: False)
+    assert fast.plan(TrainOptions(amp="auto"), cpu, total_steps=10).amp == "none"
+    assert fast.plan(TrainOptions(amp="bf16"), cpu, total_steps=10).amp == "bf16"  # asked for: kept
+    assert fast.plan(TrainOptions(), cpu, total_steps=10).amp == "none"  # the default stays fp32

@@ -63,7 +63,7 @@ class TrainOptions:
     device: Literal["cpu", "cuda", "auto"] = "auto"
     workers: int = 4
     threads: int | None = None  # CPU threads for torch (default: torch's choice, one per core)
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Literal["none", "bf16", "fp16", "auto"] = "none"  # auto: bf16 where the hardware has it natively
     compile: Literal["auto", "on", "off"] = "auto"  # auto: when the run is long enough to pay for compiling
     channels_last: bool | None = None  # None: where it is faster (with compile); see training/fast.py
     memory_efficient: bool = False
@@ -118,7 +118,7 @@ class TrainOptions:
             _positive("input-size", self.input_size, int)
         for name, value, allowed in (("augment", self.augment, ("standard", "none")),
                                      ("device", self.device, ("cpu", "cuda", "auto")),
-                                     ("amp", self.amp, ("none", "bf16", "fp16"))):
+                                     ("amp", self.amp, ("none", "bf16", "fp16", "auto"))):
             if value not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
         for name, value, allowed in (("schedule", self.schedule, ("step", "onecycle", "cosine")),

@@ -66,8 +66,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", choices=["cpu", "cuda", "auto"])
     add("--workers", type=int, help="DataLoader workers for streamed data sets (default 4)")
     add("--threads", type=int, help="CPU threads (1 is faster on a busy machine: no waiting on a preempted thread)")
-    add("--amp", choices=["none", "bf16", "fp16"], help="mixed precision: bf16 autocast, or fp16 with a "
-        "gradient scaler (CUDA)")
+    add("--amp", choices=["none", "bf16", "fp16", "auto"], help="mixed precision: bf16 autocast, fp16 with a "
+        "gradient scaler (CUDA), or auto: bf16 where the hardware computes it natively (CUDA; CPUs with AVX-512 "
+        "BF16 or AMX), else none (default none: fp32)")
     add("--compile", choices=["auto", "on", "off"], help="torch.compile the training step: auto (default) when the "
         "run is long enough to pay for compiling (see densenet/training/fast.py)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory layout "
@@ -266,19 +267,19 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
              + (f" x {info.world_size} processes" if info.enabled else "") + f" -> {run_dir}")
         _say(f"path: {'compiled' if runtime.compile else 'eager'}, "
              f"{'channels_last' if runtime.channels_last else 'NCHW'}, {runtime.threads} threads, "
-             f"precision {'fp32' if options.amp == 'none' else options.amp} ({runtime.reason})")
+             f"precision {'fp32' if runtime.amp == 'none' else runtime.amp} ({runtime.reason})")
     try:
         for epoch in range(start_epoch, options.epochs):
             _seed_epoch(options.seed, epoch, info.rank)
             lr = optimizer.param_groups[0]["lr"]
-            stats = train_one_epoch(net, train_batches, optimizer, epoch, device, info, options.amp, scaler,
+            stats = train_one_epoch(net, train_batches, optimizer, epoch, device, info, runtime.amp, scaler,
                                     options.quiet, options.epochs, forward=train_forward,
                                     scheduler=scheduler if per_step(options) else None,
                                     label_smoothing=options.label_smoothing)
             if not per_step(options):
                 scheduler.step()
             # The bare model: ranks may see different numbers of test batches, and DDP's forward would sync.
-            results = {name: evaluate(model, b, device, info, options.amp, forward=eval_forward, tta=options.tta)
+            results = {name: evaluate(model, b, device, info, runtime.amp, forward=eval_forward, tta=options.tta)
                        for name, b in eval_batches.items()}
             if not all(math.isfinite(r.loss) for r in results.values()):  # finite training loss, diverged weights
                 raise NonFiniteLoss(f"the {'/'.join(results)} loss became non-finite after epoch {epoch + 1}: the "
