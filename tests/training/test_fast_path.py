@@ -1,6 +1,8 @@
 """The fast training path (training/fast.py) and the short-run recipe options (schedule, label smoothing,
 weight decay on weights only, flip test-time augmentation)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,6 +174,12 @@ def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys):
     assert config["schedule"] == "onecycle" and config["tta"] == "flip" and config["label_smoothing"] == 0.1
     # The run folder's config.yaml is a valid recipe again (its runtime record is not an option).
     assert resolve_options(run / "config.yaml").schedule == "onecycle"
+    # densenet evaluate --tta flip gives the run's last (flip-averaged) test error.
+    last = (run / "metrics.csv").read_text().splitlines()[-1].split(",")
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--tta", "flip", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tta"] == "flip" and result["top1_error"] == pytest.approx(float(last[4]), abs=1e-3)
     capsys.readouterr()
     assert main(["train", *TINY, "--eager", "--compile", "on", "--out", str(tmp_path / "x")]) == 2  # contradictory
     assert "--eager means --compile off" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -37,6 +37,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, default=4)
     add("--device", choices=["cpu", "cuda", "auto"], default="auto")
     add("--ten-crop", action="store_true", help="ImageNet/folders: average the ten crops (resize 256, crop 224)")
+    add("--tta", choices=["none", "flip"], default="none", help="flip: average the softmax of each image and its "
+        "mirror image (as densenet train --tta flip evaluates)")
+    add("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (default none: fp32)")
     add("--json", action="store_true", help="print one JSON object: top1_error, top5_error (percent), n, ...")
 
 
@@ -44,11 +47,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if bool(args.weights) == bool(args.checkpoint):
         raise DenseNetError("give the weights to evaluate once: densenet evaluate RUN_DIR_OR_WEIGHTS (or --checkpoint)")
     result = evaluate_weights(args.weights or args.checkpoint, args.dataset, args.data_dir, batch_size=args.batch_size,
-                              workers=args.workers, device=args.device, ten_crop=args.ten_crop)
+                              workers=args.workers, device=args.device, ten_crop=args.ten_crop, tta=args.tta,
+                              amp=args.amp)
     if args.json:
         print(json.dumps(result, allow_nan=False))  # valid JSON: a diverged model's errors are null
     elif not result["diverged"]:
-        crop = " (ten-crop)" if result["ten_crop"] else ""
+        crop = " (ten-crop)" if result["ten_crop"] else " (image and mirror averaged)" if args.tta == "flip" else ""
         print(f"{result['model']} on {result['dataset']} test ({result['n']} images){crop}: "
               f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%")
     if result["diverged"]:
@@ -60,7 +64,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, *,
-                     batch_size: int = 128, workers: int = 4, device: str = "auto", ten_crop: bool = False) -> dict:
+                     batch_size: int = 128, workers: int = 4, device: str = "auto", ten_crop: bool = False,
+                     tta: str = "none", amp: str = "none") -> dict:
     from densenet.models.weights import load_weights
 
     if batch_size <= 0:
@@ -84,10 +89,11 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
     if meta.get("mean") and data.in_memory:  # normalise as in training
         data = dataclasses.replace(data, mean=list(meta["mean"]), std=list(meta["std"]))
     batches = Batches(data, data.test, batch_size, Dist(), dev, train=False, workers=workers)
-    stats = evaluate(model.to(dev), batches, dev, Dist())
+    stats = evaluate(model.to(dev), batches, dev, Dist(), amp, tta=tta)
     # Non-finite outputs (diverged weights) make the loss NaN and the error rates meaningless: null, not NaN.
     diverged = not math.isfinite(stats.loss)
     return {"model": meta.get("model"), "dataset": dataset,
             "top1_error": None if diverged else round(stats.error, 4),
             "top5_error": None if diverged else round(stats.top5_error, 4), "n": stats.n,
-            "loss": None if diverged else round(stats.loss, 6), "ten_crop": ten_crop, "diverged": diverged}
+            "loss": None if diverged else round(stats.loss, 6), "ten_crop": ten_crop, "tta": tta, "amp": amp,
+            "diverged": diverged}
