@@ -18,7 +18,7 @@ DenseNets", 2017). Here instead
   for the next larger one and keeps them, so a user's process grew to 39% of the standard mode's peak
   instead of the ~21% its live tensors need. In DenseNet-BC blocks the backward pass of the first BN-ReLU
   and 1x1 convolution runs one sample at a time (_pointwise_first_backward), so the recomputed BN-ReLU
-  output needs a one-sample workspace only; its gradient needs the full batch (BN's batch sums).
+  output and its gradient need one-sample workspaces only.
 
 The batch statistics of a channel never change once it is written, so each channel's batch mean and
 variance are computed once, when it enters the buffer, and every later layer's BN1 reuses them (the
@@ -338,16 +338,17 @@ def _is_pointwise(conv: nn.Conv2d) -> bool:
 
 def _pointwise_first_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor,
                               var: Tensor, batch: bool, weight: Tensor, dtype: torch.dtype, grad: Tensor,
-                              gy: Tensor, sample: _Workspace, sample_cast: _Workspace | None,
+                              sample: _Workspace, sample_grad: _Workspace, sample_cast: _Workspace | None,
                               channels_last: bool):
     """The backward pass of conv1x1(ReLU(BN(x))) over the block's c maps, one sample at a time.
 
     ``g`` is the gradient of the 1x1 convolution's output. The recomputed BN-ReLU output is needed only
     sample by sample (for the weight gradient, the ReLU mask, BN's x - mean), so it lives in a ONE-SAMPLE
-    workspace: the full-batch copy the report's shared storage would hold is never materialized. The input
-    gradient of the BN-ReLU (``gy``, a workspace view of the block's width) is the only full-batch tensor,
-    because BN's input gradient needs batch sums of it. The block gradient ``grad[:, :c]`` receives
-    (gy - sum(gy)/M - (x - mean) * k) * invstd * weight (ATen's CPU formulas, see _bn_backward_).
+    workspace: the full-batch copy the report's shared storage would hold is never materialized. So does
+    the BN-ReLU's input gradient gy: BN's input gradient, (gy - sum(gy)/M - (x - mean) * k) * invstd * weight
+    (ATen's CPU formulas, see _bn_backward_), is linear in gy, so each sample's gy * invstd * weight goes
+    into the block gradient ``grad[:, :c]`` at once, and the batch-statistics terms follow in a second pass
+    over the samples, once the batch sums are known.
     Returns the gradients of the convolution weight, the BN weight and the BN bias.
     """
     n, c = inp.shape[:2]
@@ -361,6 +362,8 @@ def _pointwise_first_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_wei
     g = g.to(dtype).contiguous(memory_format=fmt)
     y = sample.view(c)[0]
     y_c = y if sample_cast is None else sample_cast.view(c)[0]
+    gy = sample_grad.view(c)[0]
+    scale3 = (invstd if bn_weight is None else invstd * bn_weight).view(-1, 1, 1)
 
     def matrix(t: Tensor) -> Tensor:  # one sample's (channels, H, W) as a matrix over its memory layout
         return t.permute(1, 2, 0).reshape(-1, t.shape[0]) if channels_last else t.reshape(t.shape[0], -1)
@@ -372,7 +375,7 @@ def _pointwise_first_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_wei
         torch.addcmul(beta3, inp[i], alpha3, out=y).relu_()
         if sample_cast is not None:
             y_c.copy_(y)
-        g2, y2, gy2 = matrix(g[i]), matrix(y_c), matrix(gy[i])
+        g2, y2, gy2 = matrix(g[i]), matrix(y_c), matrix(gy)
         out = gy2 if sample_cast is None else y2  # under autocast: y_c is free once grad_w has it
         if channels_last:  # rows: pixels
             grad_w = torch.mm(g2.t(), y2) if grad_w is None else grad_w.addmm_(g2.t(), y2)
@@ -382,18 +385,17 @@ def _pointwise_first_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_wei
             torch.mm(w2.t(), g2, out=out)
         if sample_cast is not None:
             gy2.copy_(out)
-        aten.threshold_backward.grad_input(gy[i], y, 0, grad_input=gy[i])
-        sum_dy += gy[i].sum((1, 2), dtype=acc)
+        aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
+        sum_dy += gy.sum((1, 2), dtype=acc)
         torch.sub(inp[i], mean3, out=y)
-        dotp += y.mul_(gy[i]).sum((1, 2), dtype=acc)
-    scale3 = (invstd if bn_weight is None else invstd * bn_weight).view(-1, 1, 1)
+        dotp += y.mul_(gy).sum((1, 2), dtype=acc)
+        grad[i, :c].addcmul_(gy, scale3)
     if batch:
         count = n * inp.shape[2] * inp.shape[3]
         k3, mean_dy3 = (dotp * invstd * invstd / count).view(-1, 1, 1), (sum_dy / count).view(-1, 1, 1)
         for i in range(n):
-            torch.sub(inp[i], mean3, out=y).mul_(k3)
-            gy[i].sub_(mean_dy3).sub_(y)
-    grad[:, :c].addcmul_(gy, scale3.unsqueeze(0))
+            torch.sub(inp[i], mean3, out=y).mul_(k3).add_(mean_dy3)
+            grad[i, :c].addcmul_(y, scale3, value=-1)
     grad_bn_weight = None if bn_weight is None else (dotp * invstd).to(bn_weight.dtype)
     grad_bn_bias = None if bn_bias is None else sum_dy.to(bn_bias.dtype)
     return grad_w.view_as(weight).to(weight.dtype), grad_bn_weight, grad_bn_bias
@@ -404,18 +406,20 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
     channels_last = meta["channels_last"]
     grad = grad_out.to(buffer.dtype).clone(memory_format=torch.preserve_format)
     grad_params: list[Tensor | None] = [None] * len(params)
-    # The block's workspaces (see _Workspace): the gradients of the first BN-ReLU (full batch, the block's
-    # width); the recomputed BN-ReLU outputs: one sample of the block's width and the full batch of the
-    # bottleneck width where every first convolution is 1x1 (DenseNet-BC), else the full batch of the block's
-    # width (then also BN's scratch); plus, under autocast, the same for the conv-dtype copies.
+    # The block's workspaces (see _Workspace). Where every first convolution is 1x1 (DenseNet-BC): one sample
+    # of the block's width for the recomputed first BN-ReLU output, one for its gradient, and the full batch
+    # of the bottleneck's width for the second BN-ReLU. Else the full batch of the block's width for the
+    # BN-ReLU outputs (then BN's scratch) and for their gradients. Under autocast, the same for conv copies.
     ws_y, cast_ws = _workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last)
     widest = ws_y.storage.numel() // (buffer.shape[0] * buffer.shape[2] * buffer.shape[3])
-    ws_g = _Workspace(buffer, widest, buffer.dtype, channels_last)
     pointwise = all(layer.bottleneck and _is_pointwise(layer.conv1) for layer in layers)
-    if pointwise:
+    if not pointwise:
+        ws_g = _Workspace(buffer, widest, buffer.dtype, channels_last)
+    else:
         bottleneck = layers[0].conv1.out_channels
         ws_y = _Workspace(buffer, bottleneck, buffer.dtype, channels_last)
         sample = _Workspace.per_sample(buffer, widest, buffer.dtype, channels_last)
+        sample_grad = _Workspace.per_sample(buffer, widest, buffer.dtype, channels_last)
         sample_cast = (None if conv_dtype == buffer.dtype else
                        _Workspace.per_sample(buffer, widest, conv_dtype, channels_last))
     # Where each layer's parameters and saved tensors start, in forward order.
@@ -454,7 +458,7 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
             if pointwise:
                 grad_params[w_index], grad_params[p], grad_params[p + 1] = _pointwise_first_backward(
                     g, inp, first_bn, lp[0], lp[1], mean, var, first_batch, weight, conv_dtype, grad,
-                    ws_g.view(c), sample, sample_cast, channels_last)
+                    sample, sample_grad, sample_cast, channels_last)
                 del g
                 continue
             y = _normalize_relu(inp, first_bn, lp[0], lp[1], mean, var, ws_y.view(c))
