@@ -56,8 +56,10 @@ def test_run_folder_has_everything_and_evaluate_agrees(tmp_path, capsys):
     assert 0 <= result["top5_error"] <= result["top1_error"]
 
 
-def test_resume_after_any_epoch_gives_exactly_the_uninterrupted_weights(tmp_path, monkeypatch):
-    common = ["--epochs", 3, "--seed", 7, "--augment", "standard", "--drop-rate", 0.1, "--device", "cpu"]
+@pytest.mark.parametrize("schedule", [[], ["--schedule", "onecycle", "--label-smoothing", 0.1, "--weight-decay-on",
+                                           "weights", "--tta", "flip"]], ids=["step", "onecycle"])
+def test_resume_after_any_epoch_gives_exactly_the_uninterrupted_weights(tmp_path, monkeypatch, schedule):
+    common = ["--epochs", 3, "--seed", 7, "--augment", "standard", "--drop-rate", 0.1, "--device", "cpu", *schedule]
     assert train(*common, "--out", tmp_path / "a") == 0
 
     real = train_module.train_one_epoch
