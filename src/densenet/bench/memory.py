@@ -239,7 +239,7 @@ def _step_fn(model, x, y):
 
 def _merge(path: Path, records: list[dict]) -> list[dict]:
     old = json.loads(path.read_text()) if path.exists() else []
-    old = [r for r in old if "peak_mb" in r]  # records of the earlier one-step, live-tensor-only method
+    old = [r for r in old if "step_mb" not in r]  # records of the earlier one-step, live-tensor-only method
     key = lambda r: (r["model"], r["batch"], r["size"], r["mode"], r["device"], r["threads"])  # noqa: E731
     new_keys = {key(r) for r in records}
     merged = [r for r in old if key(r) not in new_keys] + records
