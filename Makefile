@@ -21,14 +21,11 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest -q --timeout=900
 
-# Real CIFAR-10 from ../shared/data/cifar10 (see README): extract once, then the short C10+ recipe on CPU.
+# Real CIFAR-10 from ../shared/data/cifar10 (see README): extract once.
 data/cifar10/train: ../shared/data/cifar10/cifar10-jpeg.tar.gz
 	mkdir -p data && tar xzf $< -C data && touch $@
 
-.PHONY: cifar10-quick cifar10-cpu
-cifar10-quick: install data/cifar10/train
-	$(BIN)/densenet train --config configs/cifar10_quick.yaml --out runs/cifar10-quick
-
+.PHONY: cifar10-cpu
 # The committed CPU run (docs/runs/cifar10-densenet_bc40_k12-cpu): DenseNet-BC L=40 k=12, 15 epochs, under an hour
 # on 2 cores with native bf16. Run it alone on the machine: a second busy process slows every step of it.
 cifar10-cpu: install data/cifar10/train
