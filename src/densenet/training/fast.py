@@ -53,18 +53,16 @@ class Runtime:
 
 def plan(options, device: torch.device, total_steps: int) -> Runtime:
     """Decide compile / channels_last for this run from the options (None or "auto": decide here)."""
-    if options.compile == "on":
-        compile_, reason = True, "--compile on"
-    elif options.compile == "off":
+    if options.compile == "off":
         compile_, reason = False, "--compile off"
-    elif options.memory_efficient:
+    elif options.memory_efficient:  # even with --compile on
         compile_, reason = False, "memory-efficient blocks run eagerly (inductor cannot fuse their autograd Function)"
+    elif options.compile == "on":
+        compile_, reason = True, "--compile on"
     elif total_steps < COMPILE_MIN_STEPS:
         compile_, reason = False, f"{total_steps} steps: too short to pay for compiling (< {COMPILE_MIN_STEPS})"
     else:
         compile_, reason = True, f"{total_steps} steps: compiled"
-    if options.compile == "on" and options.memory_efficient:
-        compile_, reason = False, "memory-efficient blocks run eagerly (inductor cannot fuse their autograd Function)"
     channels_last = options.channels_last
     if channels_last is None:
         channels_last = compile_ or device.type == "cuda"
