@@ -11,6 +11,7 @@ import hashlib
 import io
 import urllib.error
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,21 +50,28 @@ def cache_tiny_weights(monkeypatch, torch_home, corrupt: bool = False, state=Non
     # The published 2017 files predate torch's zip format: save those as they are (pickle, weights-only readable).
     torch.save(state, buffer, _use_new_zipfile_serialization=not real_size)
     blob = buffer.getvalue()
+    if not real_size:
+        monkeypatch.setitem(MODELS, "densenet121", {**imagenet_config(**TINY)})
+    place_weights_file(monkeypatch, torch_home, blob, stored=blob[:-1] + bytes([blob[-1] ^ 1]) if corrupt else blob)
+    return state
+
+
+def place_weights_file(monkeypatch, torch_home, blob: bytes, stored: bytes | None = None) -> Path:
+    """A torchvision weights entry for densenet121 whose URL names ``blob``'s SHA-256 prefix, and ``stored``
+    (default: the blob itself) in the cache under that name, as torch.hub would have downloaded it."""
     prefix = hashlib.sha256(blob).hexdigest()[:8]
 
-    class TinyWeights(WeightsEnum):
+    class CachedWeights(WeightsEnum):
         IMAGENET1K_V1 = Weights(url=f"https://download.example.org/models/densenet121-{prefix}.pth",
                                 transforms=partial(ImageClassification, crop_size=224),
                                 meta=dict(DenseNet121_Weights.IMAGENET1K_V1.meta))
         DEFAULT = IMAGENET1K_V1
 
-    monkeypatch.setattr(pretrained, "torchvision_weights", lambda name: TinyWeights.DEFAULT)
-    if not real_size:
-        monkeypatch.setitem(MODELS, "densenet121", {**imagenet_config(**TINY)})
+    monkeypatch.setattr(pretrained, "torchvision_weights", lambda name: CachedWeights.DEFAULT)
     path = torch_home / "hub" / "checkpoints" / f"densenet121-{prefix}.pth"
     path.parent.mkdir(parents=True)
-    path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]) if corrupt else blob)
-    return state
+    path.write_bytes(blob if stored is None else stored)
+    return path
 
 
 def test_cache_path_is_torchvisions(torch_home):
@@ -232,19 +240,7 @@ def test_a_cached_file_that_would_run_code_is_refused(monkeypatch, torch_home, c
         def __reduce__(self):
             return (print, ("this ran",))
 
-    blob = pickle.dumps({"features.conv0.weight": Evil()}, protocol=2)
-    prefix = hashlib.sha256(blob).hexdigest()[:8]
-
-    class ForgedWeights(WeightsEnum):
-        IMAGENET1K_V1 = Weights(url=f"https://download.example.org/models/densenet121-{prefix}.pth",
-                                transforms=partial(ImageClassification, crop_size=224),
-                                meta=dict(DenseNet121_Weights.IMAGENET1K_V1.meta))
-        DEFAULT = IMAGENET1K_V1
-
-    monkeypatch.setattr(pretrained, "torchvision_weights", lambda name: ForgedWeights.DEFAULT)
-    path = torch_home / "hub" / "checkpoints" / f"densenet121-{prefix}.pth"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(blob)
+    place_weights_file(monkeypatch, torch_home, pickle.dumps({"features.conv0.weight": Evil()}, protocol=2))
     with pytest.raises(DenseNetError, match="refusing to load .*densenet121-[0-9a-f]{8}.pth"):
         pretrained.pretrained_state_dict("densenet121")
     assert "this ran" not in capfd.readouterr().out

@@ -184,7 +184,7 @@ def test_unwritable_output_folder(capsys, data, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "mkdir", refuse)
     run = tmp_path / "locked" / "run"
     code, _, err = run_cli(capsys, *_train_args(data, run))
-    assert_user_error(code, err, "train", "Permission denied", str(tmp_path / "locked"))
+    assert_user_error(code, err, "train", "Permission denied", "another --out", str(tmp_path / "locked"))
     assert not run.exists()
 
 

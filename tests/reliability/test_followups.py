@@ -168,17 +168,6 @@ def test_full_disk_during_training_says_what_to_do(capsys, tmp_path, data, monke
                       str(run / "config.yaml"))
 
 
-def test_unwritable_run_folder_says_what_to_do(capsys, tmp_path, data, monkeypatch):
-    real_mkdir = os.mkdir
-
-    def refuse(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path / "locked")):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "mkdir", refuse)
-    code, _, err = run_cli(capsys, *_train_args(data, tmp_path / "locked" / "run"))
-    assert_user_error(code, err, "train", "Permission denied", "another --out", str(tmp_path / "locked"))
 
 
 
