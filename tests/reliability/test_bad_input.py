@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from densenet import files as files_module
 from densenet.models import create_model
 from densenet.models.weights import save_weights
-from densenet.training import checkpoint as checkpoint_module
 from densenet.training import engine
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint
 from tests.reliability.conftest import TINY_MODEL, assert_user_error, make_image_folder, run_cli
@@ -197,7 +197,7 @@ def test_read_only_output_folder(capsys, data, tmp_path, monkeypatch):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module, "open", read_only, raising=False)  # atomic_write's open
+    monkeypatch.setattr(files_module, "open", read_only, raising=False)  # atomic_write's open
     code, _, err = run_cli(capsys, *_train_args(data, run))
     assert_user_error(code, err, "train", "Read-only file system", str(run))
     assert_nothing_to_trust(run)

@@ -202,7 +202,7 @@ def plot(results: list[RunResult]) -> bytes:
 
 
 def write_report(results: list[RunResult], out_dir: str | Path, command: str = "") -> tuple[Path, Path]:
-    from densenet.training.checkpoint import atomic_write
+    from densenet.files import atomic_write
 
     out_dir = Path(out_dir)
     text = markdown(results)

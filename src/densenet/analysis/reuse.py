@@ -140,7 +140,7 @@ def plot(blocks: list[BlockReuse], title: str = "") -> bytes:
 
 def write_reuse(model: DenseNet, out_dir: str | Path, title: str = "") -> tuple[Path, Path]:
     """reuse.csv and reuse.png in out_dir (created if needed), each written atomically."""
-    from densenet.training.checkpoint import atomic_write
+    from densenet.files import atomic_write
 
     out_dir = Path(out_dir)
     blocks = feature_reuse(model)

@@ -66,7 +66,7 @@ class CheckedCache:
 
     def save(self, keys: np.ndarray) -> None:
         """Best effort: a cache that cannot be written only costs the decoding next time."""
-        from densenet.training.checkpoint import atomic_write
+        from densenet.files import atomic_write
 
         buffer = io.BytesIO()
         np.save(buffer, np.unique(keys.astype(np.uint64)))

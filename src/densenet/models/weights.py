@@ -24,10 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from densenet.errors import DenseNetError
+from densenet.files import atomic_write, safe_load
 from densenet.models.compat import remap_legacy_keys
 from densenet.models.densenet import DenseNet
 from densenet.models.registry import MODELS
-from densenet.training.checkpoint import atomic_write, safe_load
 
 METADATA_KEY = "densenet"
 WEIGHTS_NAME = "model.safetensors"

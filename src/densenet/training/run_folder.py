@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from densenet.errors import ConfigError
-from densenet.training.checkpoint import BEST, LAST, atomic_write, pid_alive, with_advice
+from densenet.files import atomic_write, pid_alive, with_advice
+from densenet.training.checkpoint import BEST, LAST
 
 WEIGHTS = "model.safetensors"
 OWNER = ".owner"  # "HOST PID" of the process that started the run in this folder
