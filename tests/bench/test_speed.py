@@ -7,8 +7,9 @@ import torch
 import torchvision
 
 import densenet
-from densenet.bench.speed import Timing, torchvision_reference
+from densenet.bench.speed import Timing
 from densenet.cli import main
+from densenet.models.compat import torchvision_reference
 
 
 def test_bench_speed_json_report(capsys):

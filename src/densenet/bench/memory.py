@@ -144,23 +144,15 @@ def _subprocess(kind: str, spec: dict) -> dict:
 
 
 def build(name: str, mode: str):
-    """Our model in the given mode, or torchvision's DenseNet with the same architecture and CIFAR stem."""
+    """Our model in the given mode, or torchvision's DenseNet with the same architecture, CIFAR stem and weights."""
     from densenet.models.registry import create_model
 
     ours = create_model(name, num_classes=10, memory_efficient=mode == "efficient")
     if not mode.startswith("torchvision"):
         return ours
-    import torchvision
-    from torch import nn
+    from densenet.models.compat import torchvision_reference
 
-    cfg = ours.config
-    k = cfg["growth_rate"]
-    model = torchvision.models.DenseNet(growth_rate=k, block_config=tuple(cfg["block_config"]),
-                                        num_init_features=cfg["num_init_features"], bn_size=cfg["bottleneck_width"],
-                                        num_classes=10, memory_efficient=mode == "torchvision-efficient")
-    model.features.conv0 = nn.Conv2d(3, cfg["num_init_features"], 3, padding=1, bias=False)
-    del model.features.norm0, model.features.relu0, model.features.pool0
-    return model
+    return torchvision_reference(ours, memory_efficient=mode == "torchvision-efficient")
 
 
 def _rss(field: str = "VmRSS") -> int:

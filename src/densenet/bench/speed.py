@@ -28,33 +28,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torchvision
 from torch import nn
 
 from densenet.analysis.complexity import count_macs, default_input_size
 from densenet.errors import ConfigError
 from densenet.inference.engines import ENGINES, build_engine
+from densenet.models.compat import torchvision_reference
 from densenet.models.densenet import DenseNet
 from densenet.models.registry import create_model
-
-
-def torchvision_reference(model: DenseNet) -> nn.Module:
-    """torchvision's DenseNet with the same architecture and weights as ``model``."""
-    cfg = model.config
-    if not cfg["bottleneck_width"] or cfg["compression"] != 0.5 or cfg["drop_rate"]:
-        raise ConfigError("torchvision's DenseNet has bottleneck layers and compression 0.5 only; "
-                          "benchmark a DenseNet-BC such as densenet_bc100_k12 or an ImageNet model")
-    reference = torchvision.models.DenseNet(
-        growth_rate=cfg["growth_rate"], block_config=tuple(cfg["block_config"]),
-        num_init_features=cfg["num_init_features"], bn_size=cfg["bottleneck_width"],
-        num_classes=cfg["num_classes"] or 1000)
-    if cfg["stem"] == "cifar":
-        reference.features.conv0 = nn.Conv2d(cfg["in_chans"], cfg["num_init_features"], 3, padding=1, bias=False)
-        del reference.features.norm0, reference.features.relu0, reference.features.pool0
-    elif cfg["in_chans"] != 3:
-        raise ConfigError("the torchvision reference takes 3 input channels; drop --in-chans")
-    reference.load_state_dict(model.state_dict())
-    return reference
 
 
 @dataclass

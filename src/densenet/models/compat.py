@@ -1,4 +1,6 @@
-"""Loading state dicts written by others: torchvision (current and 2017 key names), timm, DDP wrappers.
+"""torchvision compatibility: its state dicts (current and 2017 key names, timm's, DDP-wrapped) load into
+ours, and ``torchvision_reference`` builds torchvision's own DenseNet with our weights (the oracle of the
+tests and the baseline of ``densenet bench``).
 
 torchvision's 2017 checkpoints named the dense-layer modules ``norm.1``, ``relu.1``, ``conv.1``, ``norm.2``...
 (a Sequential with dotted names); today's use ``norm1``, ``conv1``... The published ImageNet weights
@@ -11,6 +13,8 @@ import re
 from collections.abc import Mapping
 
 from torch import Tensor, nn
+
+from densenet.errors import ConfigError
 
 _LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var"
                      r"|num_batches_tracked))$")
@@ -35,3 +39,29 @@ def remap_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True):
     """``model.load_state_dict`` that also takes torchvision's 2017 keys and wrapped (DDP) checkpoints."""
     return model.load_state_dict(remap_legacy_keys(state_dict), strict=strict)
+
+
+def torchvision_reference(model: nn.Module, memory_efficient: bool = False) -> nn.Module:
+    """torchvision's DenseNet with the same architecture and weights as our ``model`` (a ``DenseNet``).
+
+    torchvision builds DenseNet-BC only (bottleneck layers, compression 0.5); the CIFAR form gets its 3x3 stem
+    by replacing torchvision's 7x7 convolution and dropping its max-pool. ``memory_efficient`` is torchvision's
+    (gradient checkpointing of each layer's bottleneck).
+    """
+    import torchvision
+
+    cfg = model.config
+    if not cfg["bottleneck_width"] or cfg["compression"] != 0.5 or cfg["drop_rate"]:
+        raise ConfigError("torchvision's DenseNet has bottleneck layers and compression 0.5 only; "
+                          "benchmark a DenseNet-BC such as densenet_bc100_k12 or an ImageNet model")
+    reference = torchvision.models.DenseNet(
+        growth_rate=cfg["growth_rate"], block_config=tuple(cfg["block_config"]),
+        num_init_features=cfg["num_init_features"], bn_size=cfg["bottleneck_width"],
+        num_classes=cfg["num_classes"] or 1000, memory_efficient=memory_efficient)
+    if cfg["stem"] == "cifar":
+        reference.features.conv0 = nn.Conv2d(cfg["in_chans"], cfg["num_init_features"], 3, padding=1, bias=False)
+        del reference.features.norm0, reference.features.relu0, reference.features.pool0
+    elif cfg["in_chans"] != 3:
+        raise ConfigError("the torchvision reference takes 3 input channels; drop --in-chans")
+    reference.load_state_dict(model.state_dict())
+    return reference
