@@ -4,8 +4,18 @@ import torch
 
 from densenet.data import datasets
 from densenet.data.datasets import load_data, worker_error_message
+from densenet.data.registry import dataset_record
 from densenet.errors import ConfigError, DenseNetError
 from tests.data import formats
+
+
+def assert_matches_record(data):
+    """A loaded data set agrees with what its record (densenet.data.registry) says before loading it."""
+    record = dataset_record(data.name)
+    assert (data.in_chans, data.input_size, data.in_memory) == (record.in_chans, record.input_size, record.in_memory)
+    assert record.num_classes in (None, data.num_classes)
+    if record.mean is not None:
+        assert (data.mean, data.std) == (list(record.mean), list(record.std))
 
 
 def test_digits_is_a_stratified_20_percent_split():
@@ -14,7 +24,8 @@ def test_digits_is_a_stratified_20_percent_split():
     assert data.train.images.dtype == torch.uint8 and data.train.images.shape[1:] == (1, 8, 8)
     counts = torch.bincount(data.test.labels, minlength=10)
     assert counts.min() >= 35 and counts.max() <= 37
-    assert data.in_chans == 1 and data.default_augment == "none" and data.num_classes == 10
+    assert data.in_chans == 1 and data.num_classes == 10
+    assert_matches_record(data)
 
 
 def test_cifar10_official_pickles(tmp_path):
@@ -24,7 +35,8 @@ def test_cifar10_official_pickles(tmp_path):
     assert torch.equal(data.train.images, torch.from_numpy(made["train_x"]))
     assert torch.equal(data.train.labels, torch.from_numpy(made["train_y"]))
     assert torch.equal(data.test.images, torch.from_numpy(made["test_x"]))
-    assert data.in_memory and data.default_augment == "standard"
+    assert data.in_memory
+    assert_matches_record(data)
     assert 0.4 < data.mean[0] < 0.6  # computed from the (uniform random) training images
 
 
@@ -87,7 +99,7 @@ def test_svhn_train_plus_extra_with_6000_style_holdout(tmp_path):
     assert data.test.labels.tolist() == list(made["test"][1])  # label 10 became 0
     assert torch.equal(data.test.images, torch.from_numpy(made["test"][0]))
     assert data.mean == [0.0] * 3 and data.std == [1.0] * 3  # the paper: pixels / 255 only
-    assert data.default_augment == "none"
+    assert_matches_record(data)
     assert load_data("svhn", tmp_path, train=False).train is None
 
 

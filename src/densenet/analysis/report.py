@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
 
 # (model, data set, augmentation) -> the paper's test error in percent (Table 2; ImageNet: Table 3 single-crop top-1).
@@ -43,15 +44,15 @@ for _model, _errors in {
             PAPER_ERRORS[(_model, *_key)] = _error
 PAPER_ERRORS.update({("densenet121", "imagenet", "standard"): 25.02, ("densenet169", "imagenet", "standard"): 23.80,
                      ("densenet201", "imagenet", "standard"): 22.58, ("densenet264", "imagenet", "standard"): 22.15})
-_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "imagenet": 1000}
 
 
 def paper_label(dataset: str, augment: str) -> str:
     """The paper's column name: C10+, C100, SVHN, ImageNet, ... (our name for other data sets)."""
-    short = {"cifar10": "C10", "cifar100": "C100"}.get(dataset)
-    if short:
-        return short + ("+" if augment == "standard" else "")
-    return {"svhn": "SVHN", "imagenet": "ImageNet"}.get(dataset, dataset)
+    record = DATASETS.get(dataset)
+    if record is None:
+        return dataset
+    # The paper marks augmentation with "+" where it compares both (CIFAR); SVHN and ImageNet have one protocol.
+    return record.label + ("+" if augment == "standard" and record.name.startswith("cifar") else "")
 
 
 @dataclass
@@ -155,7 +156,7 @@ def model_size(name: str, num_classes: int) -> tuple[int, int]:
 
 def paper_points(dataset: str, augment: str) -> list[tuple[str, int, int, float]]:
     """(model, params, MACs, error) of the paper's reported rows for one data set and augmentation."""
-    return [(name, *model_size(name, _NUM_CLASSES[ds]), error)
+    return [(name, *model_size(name, DATASETS[ds].num_classes), error)
             for (name, ds, aug), error in PAPER_ERRORS.items() if (ds, aug) == (dataset, augment)]
 
 

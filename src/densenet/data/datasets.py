@@ -13,24 +13,24 @@
 
 The small sets are held in memory as uint8 tensors (``Split``) and augmented a batch at a time on the
 training device (``densenet.data.augment``); the large ones are torch Datasets for DataLoader workers.
+What is known about each set before loading it (classes, size, defaults) is its record in
+``densenet.data.registry``.
 """
 
 from __future__ import annotations
 
-import difflib
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from densenet.data import folders
 from densenet.data.augment import channel_stats
-from densenet.errors import ConfigError, DenseNetError
-
-Augment = Literal["standard", "none"]
+from densenet.data.registry import DATASETS as RECORDS
+from densenet.data.registry import IMAGENET_MEAN, IMAGENET_STD, Augment, dataset_record
+from densenet.errors import DenseNetError
 
 
 @dataclass
@@ -55,8 +55,6 @@ class Data:
     train: Split | torch.utils.data.Dataset | None
     test: Split | torch.utils.data.Dataset
     val: Split | torch.utils.data.Dataset | None = None
-    default_augment: Augment = "standard"
-    notes: list[str] = field(default_factory=list)
 
     @property
     def in_memory(self) -> bool:
@@ -67,23 +65,13 @@ class Data:
         return len(self.classes)
 
 
-# name -> (default augmentation, default input size, in memory)
-DATASETS: dict[str, tuple[Augment, int, bool]] = {
-    "digits": ("none", 8, True),
-    "cifar10": ("standard", 32, True),
-    "cifar100": ("standard", 32, True),
-    "svhn": ("none", 32, True),
-    "imagenet": ("standard", 224, False),
-    "folder": ("standard", 224, False),
-}
+# name -> (default augmentation, default input size, in memory), read from the records: for
+# training/evaluate.py, until it reads densenet.data.registry itself.
+DATASETS: dict[str, tuple[Augment, int, bool]] = {n: (r.augment, r.input_size, r.in_memory) for n, r in RECORDS.items()}
 
 
 def check_dataset(name: str) -> str:
-    if name not in DATASETS:
-        close = difflib.get_close_matches(name, list(DATASETS), n=2)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise ConfigError(f"unknown data set {name!r}; {hint}choose from {', '.join(DATASETS)}")
-    return name
+    return dataset_record(name).name
 
 
 def default_data_dir(name: str) -> Path:
@@ -94,7 +82,7 @@ def load_data(name: str, data_dir: str | Path | None = None, *, augment: Augment
               download: bool = False, input_size: int | None = None, train: bool = True,
               ten_crop: bool = False, seed: int = 0) -> Data:
     """The named data set; ``train=False`` loads the test split only (for ``densenet evaluate``)."""
-    check_dataset(name)
+    record = dataset_record(name)
     root = Path(data_dir) if data_dir else default_data_dir(name)
     if name == "digits":
         return _digits(train)
@@ -102,7 +90,7 @@ def load_data(name: str, data_dir: str | Path | None = None, *, augment: Augment
         return _cifar(name, root, download, train)
     if name == "svhn":
         return _svhn(root, download, train, seed)
-    return _streamed(name, root, augment or "standard", input_size or DATASETS[name][1], train, ten_crop)
+    return _streamed(name, root, augment or record.augment, input_size or record.input_size, train, ten_crop)
 
 
 def subset(split: Split, n: int, seed: int = 0) -> Split:
@@ -147,7 +135,7 @@ def _digits(train: bool) -> Data:
     train_split = _split(x_train, y_train)
     mean, std = channel_stats(train_split.images)
     return Data("digits", [str(d) for d in range(10)], 1, 8, mean, std, train_split if train else None,
-                _split(x_test, y_test), default_augment="none")
+                _split(x_test, y_test))
 
 
 _CIFAR = {
@@ -245,9 +233,9 @@ def _svhn(root: Path, download: bool, train: bool, seed: int) -> Data:
             held.append((x[hold], y[hold]))
         train_split = _split(np.concatenate([k[0] for k in keep]), np.concatenate([k[1] for k in keep]))
         val = _split(np.concatenate([h[0] for h in held]), np.concatenate([h[1] for h in held]))
-    # The paper divides the pixels by 255 and does nothing else: mean 0, std 1.
-    return Data("svhn", [str(d) for d in range(10)], 3, 32, [0.0] * 3, [1.0] * 3, train_split,
-                _split(*parts["test"]), val=val, default_augment="none")
+    record = RECORDS["svhn"]  # the paper divides the pixels by 255 and does nothing else: mean 0, std 1
+    return Data("svhn", [str(d) for d in range(10)], 3, 32, list(record.mean), list(record.std), train_split,
+                _split(*parts["test"]), val=val)
 
 
 def _read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +264,7 @@ def _streamed(name: str, root: Path, augment: Augment, size: int, train: bool, t
         test_dir = root / "test"
     if not test_dir.is_dir():
         raise DenseNetError(f"{name}: no {root}/val/ class folders (held-out images, the same classes as train/)")
-    mean, std = folders.IMAGENET_MEAN, folders.IMAGENET_STD
+    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     classes, train_samples = folders.scan(root / "train") if (train or (root / "train").is_dir()) else (None, [])
     classes, test_samples = folders.scan(test_dir, classes)
     train_set = folders.ImageFiles(classes, train_samples, folders.train_transform(size, augment, mean, std))

@@ -20,8 +20,6 @@ from torchvision import transforms
 from densenet.data.images import IMAGE_EXTENSIONS, load_image
 from densenet.errors import DenseNetError
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 # fb.resnet.torch's PCA lighting noise: eigenvalues and eigenvectors of the ImageNet RGB covariance.
 _EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 _EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
+from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
 from densenet.files import atomic_write, safe_load
 from densenet.models.compat import remap_legacy_keys
@@ -31,8 +32,6 @@ from densenet.models.registry import MODELS
 
 METADATA_KEY = "densenet"
 WEIGHTS_NAME = "model.safetensors"
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def save_weights(model: DenseNet, path: str | os.PathLike, metadata: dict[str, Any]) -> None:
@@ -175,11 +174,12 @@ def load_weights(path: str | os.PathLike, map_location: str | torch.device = "cp
     metadata = dict(metadata)
     metadata["config"] = config
     metadata.setdefault("model", model_name_for(config))
-    if config["stem"] == "imagenet" and config["num_classes"] == 1000:
-        metadata.setdefault("mean", IMAGENET_MEAN)
-        metadata.setdefault("std", IMAGENET_STD)
-        metadata.setdefault("input_size", 224)
-        metadata.setdefault("dataset", "imagenet")
+    if config["stem"] == "imagenet" and config["num_classes"] == 1000:  # ImageNet weights from elsewhere
+        imagenet = DATASETS["imagenet"]
+        metadata.setdefault("mean", list(imagenet.mean))
+        metadata.setdefault("std", list(imagenet.std))
+        metadata.setdefault("input_size", imagenet.input_size)
+        metadata.setdefault("dataset", imagenet.name)
         if "classes" not in metadata:
             from torchvision.models import DenseNet121_Weights
 
