@@ -1,8 +1,12 @@
 """The ``densenet`` command line: ``densenet list``, ``densenet summary NAME``, ``densenet train``, ...
 
 Each subcommand lives beside the code it drives; this file only routes. A command module provides
-``add_arguments(parser)`` and ``run(args) -> int``. Errors a user can act on (DenseNetError, ValueError,
-a missing file) print one line on stderr and exit with code 2; nothing else is swallowed.
+``add_arguments(parser)`` and ``run(args) -> int`` (a module serving two commands names them
+``add_NAME_arguments`` and ``run_NAME``). Only the module of the command being run is imported, so
+``densenet --help`` and ``densenet list`` answer without loading torch.
+
+Errors a user can act on (``DenseNetError`` and its ``ConfigError``; ``OSError``: a missing, read-only or
+full folder) print one line on stderr and exit with code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,28 +31,52 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="densenet", description="Densely Connected Convolutional Networks.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+def add_subcommands(parser: argparse.ArgumentParser, commands: dict[str, tuple[str, str]], argv: Sequence[str],
+                    dest: str = "command", required: bool = False) -> None:
+    """One subparser per command, with its help alone; only the command ``argv`` names (its first word that is
+    not an option) has its module imported and its arguments added, so the others cost nothing.
+
+    A module that groups commands (``densenet bench speed|inference|memory``) offers ``SUBCOMMANDS``, a table
+    like ``COMMANDS``, and ``DEST``, the name its choice is stored under; its commands load the same way.
+    """
+    sub = parser.add_subparsers(dest=dest, metavar=dest.upper(), required=required)
+    index, chosen = next(((i, word) for i, word in enumerate(argv) if not word.startswith("-")), (0, None))
+    for name, (module_name, help_text) in commands.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(module, f"add_{name}_arguments", getattr(module, "add_arguments", None))(command)
-        command.set_defaults(_run=getattr(module, f"run_{name}", getattr(module, "run", None)))
+        if name != chosen:
+            continue
+        module = importlib.import_module(module_name)
+        if hasattr(module, "SUBCOMMANDS"):
+            add_subcommands(command, module.SUBCOMMANDS, argv[index + 1:], dest=module.DEST, required=True)
+            continue
+        add = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
+        add(command)
+        command.set_defaults(_run=getattr(module, f"run_{name}", None) or module.run)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser for ``argv``: every command listed, the arguments of the one ``argv`` names."""
+    from densenet import __version__
+
+    parser = argparse.ArgumentParser(prog="densenet", description="Densely Connected Convolutional Networks.")
+    parser.add_argument("--version", action="version", version=f"densenet {__version__}")
+    add_subcommands(parser, COMMANDS, argv)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from densenet.errors import DenseNetError
 
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
+    run = getattr(args, "_run", None)
+    if run is None:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
-    except (DenseNetError, ValueError, OSError) as exc:  # OSError: a missing, read-only or full folder
+        return int(run(args) or 0)
+    except (DenseNetError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"densenet {args.command}: error: {message}", file=sys.stderr)
         return 2

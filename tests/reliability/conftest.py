@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -91,7 +92,8 @@ def _import_before_forking() -> None:
     import matplotlib.pyplot  # noqa: F401
     import torch.utils.tensorboard  # noqa: F401
 
-    cli.build_parser()  # imports every command's module
+    for module, _ in cli.COMMANDS.values():  # every command's module (the CLI imports only the one it runs)
+        importlib.import_module(module)
 
 
 def run_forked(*argv, fault: str = "none", nth: int = 0, kill_after: float | None = None, log: Path | None = None,

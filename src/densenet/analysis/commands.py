@@ -1,11 +1,13 @@
-"""``densenet list`` and ``densenet summary NAME``: the named models and their Table 1 view."""
+"""``densenet list`` and ``densenet summary NAME``: the named models and their Table 1 view.
+
+``list`` reads the registry and counts parameters and MACs from each configuration, without torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from densenet.analysis.complexity import count_macs, count_parameters, default_input_size, format_table1
-from densenet.models.registry import create_model, list_models
+from densenet.errors import ConfigError
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,13 +15,19 @@ def add_list_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from densenet.analysis.complexity import config_macs, config_parameters
+    from densenet.models.registry import default_input_size, list_models, model_config
+
+    if args.num_classes is not None and args.num_classes < 0:
+        raise ConfigError(f"--num-classes must be >= 0, got {args.num_classes}")
     print(f"{'model':<20} {'form':<9} {'input':>5} {'classes':>7} {'params':>12} {'MACs':>9}")
     for name in list_models():
-        overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        model = create_model(name, **overrides)
-        size = default_input_size(model)
-        print(f"{name:<20} {model.stem:<9} {size:>5} {model.num_classes:>7} {count_parameters(model):>12,} "
-              f"{count_macs(model) / 1e9:>8.2f}G")
+        config = model_config(name)
+        if args.num_classes is not None:
+            config["num_classes"] = args.num_classes
+        size = default_input_size(config["stem"])
+        print(f"{name:<20} {config['stem']:<9} {size:>5} {config['num_classes']:>7} {config_parameters(config):>12,} "
+              f"{config_macs(config, size) / 1e9:>8.2f}G")
     return 0
 
 
@@ -31,9 +39,12 @@ def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_summary(args: argparse.Namespace) -> int:
+    from densenet.analysis.complexity import format_table1
+    from densenet.models.registry import create_model
+
     overrides = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
     model = create_model(args.model, **overrides)
     if args.input_size is not None and args.input_size < (32 if model.stem == "imagenet" else 4):
-        raise ValueError(f"--input-size {args.input_size} is too small for the {model.stem} form")
+        raise ConfigError(f"--input-size {args.input_size} is too small for the {model.stem} form")
     print(format_table1(args.model, model, args.input_size))
     return 0

@@ -1,19 +1,27 @@
 """Parameters, multiply-accumulates and the paper's Table 1 view of a network.
 
-MACs count convolutions and the linear layer (the paper's convention: BN, ReLU and pooling are free),
-measured by forward hooks on a shape-only ("meta") copy of the model, so even DenseNet-264 costs nothing.
+MACs count convolutions and the linear layer (the paper's convention: BN, ReLU and pooling are free).
+Both counts follow from the configuration alone, layer by layer as the paper's formulas give them
+(``config_parameters``, ``config_macs``: no torch, so ``densenet list`` answers at once); the tests check
+them against the built model's parameters and against forward hooks on every convolution. Table 1 comes
+from a shape-only ("meta") copy of the model, so even DenseNet-264 costs nothing.
 
     densenet summary densenet121     # Table 1 row, 7,978,856 parameters, 2.83 GMACs
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from densenet.models import registry
 
-from densenet.models.densenet import DenseBlock, DenseNet, Transition
+if TYPE_CHECKING:
+    from torch import nn
+
+    from densenet.models.densenet import DenseNet
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -21,7 +29,63 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def default_input_size(model: DenseNet) -> int:
-    return 224 if model.stem == "imagenet" else 32
+    """224 for the ImageNet form, 32 for the CIFAR/SVHN form (``registry.default_input_size``)."""
+    return registry.default_input_size(model.stem)
+
+
+def _layers(config: Mapping[str, Any], input_size: int):
+    """Every convolution and the linear layer of the network ``config`` describes, in order, as
+    (input channels, output channels, kernel side, output side) (the linear layer: kernel and side 1), and
+    the BatchNorm layers as (channels, None, 0, 0)."""
+    k = config["growth_rate"]
+    width = config.get("bottleneck_width") or 0
+    channels = config.get("num_init_features") or (2 * k if width else 16)
+    in_chans = config.get("in_chans", 3)
+    size = input_size
+    if config.get("stem", "imagenet") == "imagenet":
+        size = (size + 2 * 3 - 7) // 2 + 1  # 7x7 convolution, stride 2, padding 3
+        yield in_chans, channels, 7, size
+        yield channels, None, 0, 0
+        size = (size + 2 * 1 - 3) // 2 + 1  # 3x3 max-pool, stride 2, padding 1
+    else:
+        yield in_chans, channels, 3, size
+    blocks = list(config["block_config"])
+    for i, num_layers in enumerate(blocks):
+        for layer in range(num_layers):
+            c = channels + layer * k
+            yield c, None, 0, 0
+            if width:
+                yield c, width * k, 1, size  # the bottleneck's 1x1
+                yield width * k, None, 0, 0
+                yield width * k, k, 3, size
+            else:
+                yield c, k, 3, size
+        channels += num_layers * k
+        if i != len(blocks) - 1:
+            out = int(math.floor(config.get("compression", 1.0) * channels))
+            yield channels, None, 0, 0
+            yield channels, out, 1, size  # the transition's 1x1, then 2x2 average pooling
+            channels, size = out, (size - 2) // 2 + 1
+    yield channels, None, 0, 0  # norm5
+    if config.get("num_classes", 1000) > 0:
+        yield channels, config.get("num_classes", 1000), 1, 1
+
+
+def config_parameters(config: Mapping[str, Any]) -> int:
+    """Parameters of the DenseNet ``config`` describes (``DenseNet(**config)``): weights, BN scales and shifts,
+    the classifier's bias; without building it."""
+    total = 0
+    for c_in, c_out, kernel, _ in _layers(config, registry.default_input_size(config.get("stem", "imagenet"))):
+        total += 2 * c_in if c_out is None else c_in * c_out * kernel * kernel
+    classes = config.get("num_classes", 1000)
+    return total + (classes if classes > 0 else 0)
+
+
+def config_macs(config: Mapping[str, Any], input_size: int | None = None) -> int:
+    """Multiply-accumulates of one forward pass of one image (convolutions and the linear layer)."""
+    size = input_size or registry.default_input_size(config.get("stem", "imagenet"))
+    return sum(c_in * c_out * kernel * kernel * side * side
+               for c_in, c_out, kernel, side in _layers(config, size) if c_out is not None)
 
 
 @dataclass
@@ -34,17 +98,11 @@ class Stage:
     channels: int
 
 
-def _macs_hook(counter: list[int]):
-    def hook(module: nn.Module, inputs, output) -> None:
-        if isinstance(module, nn.Conv2d):
-            kernel = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
-            counter[0] += output.numel() * kernel
-        elif isinstance(module, nn.Linear):
-            counter[0] += output.numel() * module.in_features
-    return hook
-
-
 def _shape_copy(model: DenseNet) -> DenseNet:
+    import torch
+
+    from densenet.models.densenet import DenseNet
+
     # Rebuild on the meta device from the model's own description: no memory, no arithmetic.
     with torch.device("meta"):
         return DenseNet(growth_rate=model.growth_rate, block_config=model.block_config,
@@ -55,20 +113,15 @@ def _shape_copy(model: DenseNet) -> DenseNet:
 
 def count_macs(model: DenseNet, input_size: int | None = None) -> int:
     """Multiply-accumulates of one forward pass of one image (convolutions and the linear layer)."""
-    size = input_size or default_input_size(model)
-    meta = _shape_copy(model).eval()
-    counter = [0]
-    handles = [m.register_forward_hook(_macs_hook(counter)) for m in meta.modules()
-               if isinstance(m, nn.Conv2d | nn.Linear)]
-    with torch.no_grad():
-        meta(torch.empty(1, model.in_chans, size, size, device="meta"))
-    for h in handles:
-        h.remove()
-    return counter[0]
+    return config_macs(model.config, input_size)
 
 
 def table1(model: DenseNet, input_size: int | None = None) -> list[Stage]:
     """The network as the paper's Table 1: stem, each dense block and transition, classification layer."""
+    import torch
+
+    from densenet.models.densenet import DenseBlock, Transition
+
     size = input_size or default_input_size(model)
     meta = _shape_copy(model).eval()
     shapes: dict[str, tuple[int, ...]] = {}

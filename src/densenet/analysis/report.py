@@ -22,7 +22,6 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
 from densenet.data.registry import DATASETS
@@ -145,13 +144,12 @@ def markdown(results: list[RunResult]) -> str:
 
 @functools.cache
 def model_size(name: str, num_classes: int) -> tuple[int, int]:
-    """(parameters, MACs at the paper's input size) of a named model, from a shape-only copy."""
-    from densenet.analysis.complexity import count_macs, count_parameters
-    from densenet.models.registry import create_model
+    """(parameters, MACs at the paper's input size) of a named model, from its configuration."""
+    from densenet.analysis.complexity import config_macs, config_parameters
+    from densenet.models.registry import model_config
 
-    with torch.device("meta"):
-        model = create_model(name, num_classes=num_classes)
-    return count_parameters(model), count_macs(model)
+    config = model_config(name) | {"num_classes": num_classes}
+    return config_parameters(config), config_macs(config)
 
 
 def paper_points(dataset: str, augment: str) -> list[tuple[str, int, int, float]]:
@@ -219,12 +217,12 @@ def write_report(results: list[RunResult], out_dir: str | Path, command: str = "
     return out_dir / "report.md", out_dir / "report.png"
 
 
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders made by `densenet train`")
     parser.add_argument("--out", default=None, help="folder for report.md and report.png (created if needed)")
 
 
-def run_report(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     results = [read_run(run) for run in args.runs]
     print(markdown(results), end="")
     if args.out:

@@ -155,7 +155,7 @@ def write_reuse(model: DenseNet, out_dir: str | Path, title: str = "") -> tuple[
     return csv_path, png_path
 
 
-def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS")
     reuse = sub.add_parser("reuse", help="the paper's Figure 5: feature reuse inside each dense block",
                            description="Mean absolute weight from each source layer s to each target layer l "
@@ -165,7 +165,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     reuse.add_argument("--title", default=None, help="figure title (default: model and data set)")
 
 
-def run_analyze(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from densenet.models.weights import load_weights
 
     if args.analysis != "reuse":

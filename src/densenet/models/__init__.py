@@ -1,6 +1,18 @@
-from densenet.models.compat import load_state_dict_compat, remap_legacy_keys
-from densenet.models.densenet import DenseBlock, DenseLayer, DenseNet, Transition
-from densenet.models.registry import create_model, list_models, model_config
+"""The models: ``DenseNet`` and its layers (densenet.py), the paper's configurations (registry.py), the
+memory-efficient and concatenation-free paths, loading others' weights (compat.py, weights.py, pretrained.py).
 
-__all__ = ["DenseBlock", "DenseLayer", "DenseNet", "Transition", "create_model", "list_models", "model_config",
-           "load_state_dict_compat", "remap_legacy_keys"]
+Names are imported on first use, so that reading the registry (``densenet list``) does not load torch.
+"""
+
+import importlib
+
+_NAMES = {"DenseBlock": "densenet", "DenseLayer": "densenet", "DenseNet": "densenet", "Transition": "densenet",
+          "create_model": "registry", "list_models": "registry", "model_config": "registry",
+          "load_state_dict_compat": "compat", "remap_legacy_keys": "compat"}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)

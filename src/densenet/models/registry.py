@@ -3,16 +3,19 @@
 CIFAR/SVHN form (Table 2): three equal blocks; depth L = 3n + 4 (basic) or 6n + 4 (bottleneck).
 ImageNet form (Table 1): four blocks with bottleneck and compression 0.5, growth 32 (48 for 161).
 Beyond the named models, any valid ``densenet{L}_k{k}`` or ``densenet_bc{L}_k{k}`` builds too.
+The table imports nothing heavy (torch comes with ``create_model``), so ``densenet list`` answers at once.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from densenet.errors import ConfigError
-from densenet.models.densenet import DenseNet
+
+if TYPE_CHECKING:
+    from densenet.models.densenet import DenseNet
 
 
 def cifar_config(depth: int, growth_rate: int, bc: bool) -> dict[str, Any]:
@@ -41,7 +44,7 @@ def imagenet_config(growth_rate: int, block_config: tuple[int, ...], num_init_fe
                 bottleneck_width=4, compression=0.5, stem="imagenet", num_classes=1000)
 
 
-# name -> (configuration, one line for `densenet list`)
+# name -> the DenseNet constructor arguments of the paper's configuration
 MODELS: dict[str, dict[str, Any]] = {
     "densenet40_k12": cifar_config(40, 12, bc=False),
     "densenet100_k12": cifar_config(100, 12, bc=False),
@@ -59,6 +62,11 @@ MODELS: dict[str, dict[str, Any]] = {
 _PATTERN = re.compile(r"^densenet(?P<bc>_bc)?(?P<depth>\d+)_k(?P<k>\d+)$")
 _OVERRIDABLE = {"num_classes", "in_chans", "drop_rate", "memory_efficient", "growth_rate", "block_config",
                 "num_init_features", "bottleneck_width", "compression", "stem"}
+
+
+def default_input_size(stem: str) -> int:
+    """The image side a form is made for: 224 for the ImageNet form, 32 for the CIFAR/SVHN form."""
+    return 224 if stem == "imagenet" else 32
 
 
 def list_models() -> list[str]:
@@ -95,6 +103,8 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
                           f"it takes {', '.join(sorted(_OVERRIDABLE))}, pretrained, features_only, out_indices")
     if out_indices is not None and not features_only:
         raise ConfigError("out_indices selects the stages of a backbone; pass features_only=True with it")
+    from densenet.models.densenet import DenseNet
+
     config = model_config(name)
     config.update(overrides)
     if pretrained:

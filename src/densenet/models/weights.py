@@ -75,7 +75,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             raw = (f.metadata() or {}).get(METADATA_KEY)
     except (SafetensorError, OSError) as exc:
         raise DenseNetError(f"{path} is not a readable safetensors file: {exc}") from exc
-    return json.loads(raw) if raw else {}
+    try:
+        metadata = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise DenseNetError(f"{path}: its {METADATA_KEY!r} metadata is not valid JSON ({exc})") from exc
+    if not isinstance(metadata, dict):
+        raise DenseNetError(f"{path}: its {METADATA_KEY!r} metadata is not a JSON object")
+    return metadata
 
 
 def _read(path: Path, map_location) -> tuple[dict[str, Any], dict[str, Any]]:
