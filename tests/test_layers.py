@@ -1,6 +1,6 @@
 """The package's layers import one way: downwards. A new upward import fails here, naming the file and line.
 
-    files, errors                       (the bottom: atomic writes, safe loading, error types)
+    files, devices, errors              (the bottom: atomic writes and safe loading, devices, error types)
     data                                 (data sets, their records, augmentation)
     models                               (the networks; may read data's records)
     training, inference, deploy, analysis   (use models and data)
@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "densenet"
-LAYERS = {"errors": 0, "files": 0, "data": 1, "models": 2, "training": 3, "inference": 3, "deploy": 3,
+LAYERS = {"errors": 0, "files": 0, "devices": 0, "data": 1, "models": 2, "training": 3, "inference": 3, "deploy": 3,
           "analysis": 3, "bench": 4, "cli": 5, "__main__": 5, "__init__": 5}
 
 

@@ -18,7 +18,6 @@ the peak of a large matrix product timed in the same run at the same precision.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import platform
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from densenet.analysis.complexity import count_macs, default_input_size
+from densenet.devices import autocast, resolve_device
 from densenet.errors import ConfigError
 from densenet.inference.engines import ENGINES, build_engine
 from densenet.models.compat import torchvision_reference
@@ -120,12 +120,6 @@ def _interleaved(calls: dict[str, Callable[[], object]], device: torch.device, w
     return samples
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                 precision: str, forward: Callable | None = None) -> Callable[[], None]:
     forward = forward or model
@@ -134,7 +128,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             loss = loss_fn(forward(x), y)
         loss.backward()
         optimizer.step()
@@ -143,7 +137,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
 def _forward(model: Callable, x: torch.Tensor, device: torch.device, precision: str) -> Callable[[], object]:
     def call() -> object:
-        with torch.no_grad(), _autocast(device, precision):
+        with torch.no_grad(), autocast(device, precision):
             return model(x)
     return call
 
@@ -229,9 +223,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     """Measure every task in ``args.tasks``; returns a JSON-ready dict (see ``format_markdown``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    device = resolve_device(args.device)
     if args.engine != "eager" and args.precision != "fp32":
         raise ConfigError(f"--engine {args.engine} runs in fp32 only; use --precision fp32 or --engine eager")
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Several processes, one run: torchrun + DistributedDataParallel.
 
-    torchrun --nproc_per_node 8 -m densenet train --config configs/imagenet_densenet121.yaml
+    torchrun --nproc_per_node 8 -m densenet train --config configs/imagenet-densenet121.yaml
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; ``setup`` joins the process group (NCCL on CUDA, gloo
 on CPU) and pins each process to its GPU. Every rank trains on its share of each batch (--batch-size is
@@ -79,7 +79,8 @@ def all_sum(values: list[float], info: Dist, device: torch.device) -> list[float
 
 
 def broadcast_flag(flag: bool, info: Dist, device: torch.device) -> bool:
-    """Rank 0's value of ``flag`` on every rank (e.g. 'stop: the loss is not finite')."""
+    """True on every rank when ``flag`` is true on any rank (the maximum over ranks), e.g. 'stop: the loss is not
+    finite': one rank's NaN stops them all at the same step, so none waits forever in the next all-reduce."""
     if not info.enabled:
         return flag
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)

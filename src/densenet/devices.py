@@ -1,0 +1,52 @@
+"""Where a model runs and in what precision: one answer for train, evaluate, predict and bench.
+
+    device = resolve_device("auto")            # cuda when there is one, else cpu
+    with autocast(device, "bf16"):
+        logits = model(images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from densenet.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICES = ("cpu", "cuda", "auto")  # the choices of the --device flags (predict and bench also take cuda:N, mps)
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """cpu, cuda, cuda:N, mps or auto (cuda when there is one, else cpu) -> a device that exists here.
+
+    A device that is not here is a ConfigError saying what to use instead.
+    """
+    import torch
+
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} but CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed precision for the code inside: ``bf16`` or ``fp16`` autocast on ``device``; ``none``/``fp32``: none."""
+    if amp in ("none", "fp32"):
+        return contextlib.nullcontext()
+    import torch
+
+    if amp not in ("bf16", "fp16"):
+        raise ConfigError(f"precision {amp!r} is not one of none, fp32, bf16, fp16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
