@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +20,10 @@ lint: install
 
 test: install lint
 	$(BIN)/python -m pytest -q --timeout=900
+
+# The edit-test loop: everything not marked slow (no multi-process, SIGKILL or compile tests).
+test-fast: install lint
+	$(BIN)/python -m pytest -q --timeout=900 -m "not slow"
 
 # Real CIFAR-10 from ../shared/data/cifar10 (see README): extract once.
 data/cifar10/train: ../shared/data/cifar10/cifar10-jpeg.tar.gz

@@ -4,6 +4,7 @@ import math
 import random
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,6 +19,7 @@ def _history(path):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in load_checkpoint(path)["history"]]
 
 
+@pytest.mark.slow  # a dozen forked trainings, each killed and resumed: minutes
 def test_sigkill_anywhere_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=PER_CLASS, size=32)
     train = ["train", "--model", TINY_MODEL, "--dataset", "cifar10", "--data-dir", data, "--epochs", EPOCHS,
