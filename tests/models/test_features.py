@@ -53,7 +53,7 @@ def test_bad_out_indices_say_the_range():
 
 
 def test_pretrained_weights_load_into_the_backbone(monkeypatch, tmp_path):
-    from tests.models.test_pretrained import cache_tiny_weights
+    from tests.helpers import cache_tiny_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)

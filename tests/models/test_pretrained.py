@@ -7,25 +7,18 @@ and a tiny ImageNet-form architecture stands in for densenet121 so the tests tak
 
 from __future__ import annotations
 
-import hashlib
-import io
 import urllib.error
-from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from torchvision.models import DenseNet121_Weights, Weights, WeightsEnum
-from torchvision.transforms._presets import ImageClassification
+from torchvision.models import DenseNet121_Weights
 
 import densenet
 from densenet.cli import main
 from densenet.errors import DenseNetError
 from densenet.models import pretrained
-from densenet.models.registry import MODELS, imagenet_config
-
-TINY = dict(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8)
+from tests.helpers import cache_tiny_weights, make_image_folder, place_weights_file
 
 
 @pytest.fixture
@@ -39,39 +32,6 @@ def torch_home(tmp_path, monkeypatch):
 def _no_network(url, dst, *args, **kwargs):
     print(f'Downloading: "{url}" to {dst}')  # as torch.hub does, on stdout
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-
-def cache_tiny_weights(monkeypatch, torch_home, corrupt: bool = False, state=None) -> dict[str, torch.Tensor]:
-    """Save a tiny densenet121-like state dict (or ``state``, then for the real architecture) under the name its
-    weights entry expects; return the state."""
-    real_size = state is not None
-    state = densenet.create_model("densenet121", **TINY).state_dict() if state is None else state
-    buffer = io.BytesIO()
-    # The published 2017 files predate torch's zip format: save those as they are (pickle, weights-only readable).
-    torch.save(state, buffer, _use_new_zipfile_serialization=not real_size)
-    blob = buffer.getvalue()
-    if not real_size:
-        monkeypatch.setitem(MODELS, "densenet121", {**imagenet_config(**TINY)})
-    place_weights_file(monkeypatch, torch_home, blob, stored=blob[:-1] + bytes([blob[-1] ^ 1]) if corrupt else blob)
-    return state
-
-
-def place_weights_file(monkeypatch, torch_home, blob: bytes, stored: bytes | None = None) -> Path:
-    """A torchvision weights entry for densenet121 whose URL names ``blob``'s SHA-256 prefix, and ``stored``
-    (default: the blob itself) in the cache under that name, as torch.hub would have downloaded it."""
-    prefix = hashlib.sha256(blob).hexdigest()[:8]
-
-    class CachedWeights(WeightsEnum):
-        IMAGENET1K_V1 = Weights(url=f"https://download.example.org/models/densenet121-{prefix}.pth",
-                                transforms=partial(ImageClassification, crop_size=224),
-                                meta=dict(DenseNet121_Weights.IMAGENET1K_V1.meta))
-        DEFAULT = IMAGENET1K_V1
-
-    monkeypatch.setattr(pretrained, "torchvision_weights", lambda name: CachedWeights.DEFAULT)
-    path = torch_home / "hub" / "checkpoints" / f"densenet121-{prefix}.pth"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(blob if stored is None else stored)
-    return path
 
 
 def test_cache_path_is_torchvisions(torch_home):
@@ -180,7 +140,6 @@ def test_train_init_by_name_fine_tunes_from_the_pretrained_weights(monkeypatch, 
 
     from densenet.training.options import resolve_options
     from densenet.training.train import _build_model
-    from tests.reliability.conftest import make_image_folder
 
     state = cache_tiny_weights(monkeypatch, torch_home)
     options = resolve_options(None, {"dataset": "folder", "init": "densenet121", "data_dir": str(tmp_path)})

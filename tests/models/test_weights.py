@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import densenet
 from densenet.errors import DenseNetError
 from densenet.models.weights import infer_config, load_weights, read_metadata, read_state_dict, save_weights
-from tests.training.test_checkpoint import write_malicious
+from tests.helpers import write_malicious
 
 META = {"model": "densenet_bc16_k4", "classes": ["a", "b", "c"], "mean": [0.5], "std": [0.25], "input_size": 8,
         "dataset": "digits"}

@@ -1,4 +1,7 @@
-"""Helpers for the fault and bad-input tests: tiny data on disk, the CLI in-process or forked, user errors."""
+"""Fixtures of the fault and bad-input tests (a trained run, one thread) and the CLI forked, as a real process.
+
+The helpers other tests share too (tiny data on disk, the CLI in-process, user errors) are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +13,12 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from densenet import cli
+from tests.helpers import TINY_MODEL, make_image_folder
 from tests.reliability import faults
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_MODEL = "densenet_bc16_k4"
-
-
-def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 8, seed: int = 0) -> Path:
-    """root/{train,test}/<class>/<n>.png: small random images, each class a different mean colour."""
-    rng = np.random.default_rng(seed)
-    for split in ("train", "test"):
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 128, (size, size, 3)) + 100 * c
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -54,34 +40,6 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     train(overrides={"model": TINY_MODEL, "dataset": "cifar10", "data_dir": str(data), "epochs": 1,
                      "batch_size": 4, "device": "cpu", "quiet": True, "out": str(root / "run")})
     return data, root / "run", next((data / "test" / "cat").iterdir())
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """``densenet ARGV`` in this process: (exit code, stdout, stderr). An uncaught exception fails the test."""
-    capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, command: str, *needles: str) -> str:
-    """Non-zero exit, exactly one ``densenet COMMAND: error: ...`` line on stderr naming each needle, no traceback."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(f"densenet {command}: error: ")]
-    assert code != 0, f"exit code 0 for a user error; stderr: {err!r}"
-    assert "Traceback" not in err, err
-    assert len(errors) == 1, f"expected one error line on stderr, got: {err!r}"
-    for needle in needles:
-        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
-    return errors[0]
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """One thread, so a run is bitwise repeatable and does not fight the other tests for the two cores."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
 
 
 def _import_before_forking() -> None:

@@ -5,7 +5,6 @@ Each case is listed in docs/reliability.md with the test that backs it.
 """
 
 import errno
-import io
 import os
 import shutil
 
@@ -19,7 +18,7 @@ from densenet.models import create_model
 from densenet.models.weights import save_weights
 from densenet.training import engine
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint
-from tests.reliability.conftest import TINY_MODEL, assert_user_error, make_image_folder, run_cli
+from tests.helpers import BROKEN_IMAGES, TINY_MODEL, assert_user_error, make_image_folder, run_cli
 
 
 def _train_args(data, out, *extra):
@@ -43,12 +42,6 @@ def data(tmp_path):
     return make_image_folder(tmp_path / "data", per_class=2, size=32)
 
 
-def _jpeg(size=32):
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
 # -- data ---------------------------------------------------------------------------------------------------------
 
 def test_missing_data_folder(capsys, tmp_path):
@@ -68,13 +61,6 @@ def test_empty_class_folder(capsys, data, tmp_path):
 
 
 # (file name, bytes, the reason the message must give): one list for every command that reads images.
-BROKEN_IMAGES = [
-    ("cut.jpg", _jpeg()[:300], "truncated JPEG"),
-    ("text.png", b"not an image, only text\n", "not an image file"),
-    ("empty.png", b"", "empty file (0 bytes)"),
-]
-
-
 @pytest.mark.parametrize("name, content, reason", BROKEN_IMAGES)
 def test_broken_image_in_the_data(capsys, data, tmp_path, name, content, reason):
     bad = data / "train" / "cat" / name

@@ -18,15 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from densenet.training.checkpoint import LAST, latest_checkpoint, load_checkpoint
-from tests.reliability.conftest import (
-    REPO,
-    TINY_MODEL,
-    assert_user_error,
-    make_image_folder,
-    run_cli,
-    run_forked,
-    subprocess_env,
-)
+from tests.helpers import REPO, TINY_MODEL, assert_user_error, make_image_folder, run_cli, subprocess_env
+from tests.reliability.conftest import run_forked
 
 EPOCHS, PER_CLASS, BATCH = 3, 8, 8  # 16 images: 2 steps an epoch in one process, 2 per rank in two
 

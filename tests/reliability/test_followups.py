@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from densenet.errors import DenseNetError
 from densenet.models.weights import load_weights, save_weights
 from densenet.training.checkpoint import LAST, latest_checkpoint, load_checkpoint, save_checkpoint
-from tests.reliability.conftest import TINY_MODEL, assert_user_error, make_image_folder, run_cli, run_forked
+from tests.helpers import TINY_MODEL, assert_user_error, make_image_folder, run_cli
+from tests.reliability.conftest import run_forked
 
 
 def _train_args(data, out, epochs=2):
@@ -174,7 +175,7 @@ def test_full_disk_during_training_says_what_to_do(capsys, tmp_path, data, monke
 # -- broken images in streamed data sets, found up front -------------------------------------------------------------
 
 def test_check_data_lists_every_broken_file_and_fails(capsys, data):
-    from tests.reliability.test_bad_input import BROKEN_IMAGES
+    from tests.helpers import BROKEN_IMAGES
 
     bad = []
     for i, (name, content, _) in enumerate(BROKEN_IMAGES):

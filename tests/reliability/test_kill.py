@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint
-from tests.reliability.conftest import TINY_MODEL, make_image_folder, run_forked
+from tests.helpers import TINY_MODEL, make_image_folder
+from tests.reliability.conftest import run_forked
 
 EPOCHS, BATCH, PER_CLASS = 8, 8, 8  # a CIFAR-style image tree of 2 classes x 8 images of 32x32: 2 steps an epoch
 STEPS = math.ceil(2 * PER_CLASS / BATCH)

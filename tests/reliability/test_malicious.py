@@ -10,8 +10,7 @@ import shutil
 import pytest
 
 from densenet.training.checkpoint import BEST, LAST
-from tests.reliability.conftest import TINY_MODEL, assert_user_error, run_cli
-from tests.training.test_checkpoint import write_malicious
+from tests.helpers import TINY_MODEL, assert_user_error, run_cli, write_malicious
 
 
 @pytest.fixture

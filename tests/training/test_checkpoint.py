@@ -1,28 +1,12 @@
 """Checkpoints: atomic writes, weights-only reads, and the choice of the one to resume from."""
 
-import os
 
 import pytest
 import torch
 
 from densenet.errors import DenseNetError
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
-
-
-class _RunsCommand:
-    """Unpickling this would run a shell command that creates a file: a malicious checkpoint."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def write_malicious(path, marker):
-    """A checkpoint in torch.save's own format whose unpickling would run ``touch marker``."""
-    torch.save({"model": {}, "epoch": 3, "payload": _RunsCommand(marker)}, path)
-    assert not marker.exists()
+from tests.helpers import write_malicious
 
 
 def test_the_malicious_file_really_runs_code_when_unpickled_unsafely(tmp_path):
