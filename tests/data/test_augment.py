@@ -29,3 +29,11 @@ def test_normalize_and_channel_stats():
     y = normalize(x, [0.5, 0.5], [0.5, 0.25])
     assert torch.allclose(y[:, 0], torch.full_like(y[:, 0], -1.0))
     assert torch.allclose(y[:, 1], torch.full_like(y[:, 1], 2.0))
+
+
+def test_zero_crop_padding_only_flips():
+    images = torch.randint(0, 255, (16, 3, 5, 5), dtype=torch.uint8)
+    out = pad_crop_flip(images, torch.Generator().manual_seed(0), padding=0)
+    same = (out == images).flatten(1).all(1)
+    mirrored = (out == images.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and bool(mirrored.any()) and bool(same.any())

@@ -119,7 +119,8 @@ def test_weight_decay_on_weights_only_spares_bn_and_biases():
 @pytest.mark.parametrize("field, value, words", [
     ("schedule", "linear", "--schedule"), ("warmup", 1.0, "--warmup"), ("label_smoothing", 1.0, "--label-smoothing"),
     ("tta", "ten", "--tta"), ("compile", "yes", "--compile"), ("weight_decay_on", "bn", "--weight-decay-on"),
-    ("weight_decay", "lots", "--weight-decay must be a number"),
+    ("weight_decay", "lots", "--weight-decay must be a number"), ("eval_every", 0, "--eval-every"),
+    ("crop_padding", -1, "--crop-padding"), ("crop_padding", 1.5, "--crop-padding"),
 ])
 def test_bad_recipe_options_are_config_errors(field, value, words):
     with pytest.raises(ConfigError, match=words):
@@ -193,3 +194,30 @@ def test_amp_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert fast.plan(TrainOptions(amp="auto"), cpu, total_steps=10).amp == "none"
     assert fast.plan(TrainOptions(amp="bf16"), cpu, total_steps=10).amp == "bf16"  # asked for: kept
     assert fast.plan(TrainOptions(), cpu, total_steps=10).amp == "none"  # the default stays fp32
+
+
+def test_eval_every_skips_evaluations_but_always_evaluates_the_last_epoch(tmp_path, capsys):
+    import csv
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "3", "--eval-every", "2", "--eager", "--out", str(run)]) == 0
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["test_error"] != "" for row in rows] == [False, True, True]  # epoch 2 (every 2nd) and the last
+    assert all(float(row["seconds"]) > 0 and row["train_error"] for row in rows)
+    out = capsys.readouterr().out
+    assert "epoch   1/3" in out and "test error" not in out.split("epoch   1/3")[1].splitlines()[0]
+    assert (run / "curves.png").stat().st_size > 0 and (run / "model.safetensors").exists()
+    # The run's summary line and the report read the last (evaluated) epoch.
+    assert f"test error {float(rows[-1]['test_error']):.2f}%" in out
+
+
+def test_crop_padding_reaches_the_augmentation(monkeypatch, tmp_path):
+    from densenet.training import engine
+
+    seen = []
+    real = engine.pad_crop_flip
+    monkeypatch.setattr(engine, "pad_crop_flip", lambda x, g, padding=4: seen.append(padding) or real(x, g, padding))
+    assert main(["train", *TINY, "--epochs", "1", "--crop-padding", "2", "--augment", "standard", "--eager",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert seen and set(seen) == {2}

@@ -57,6 +57,8 @@ class TrainOptions:
     tta: Literal["none", "flip"] = "none"  # test-time augmentation of every evaluation: flip = image + mirror
     drop_rate: float | None = None
     augment: Literal["standard", "none"] | None = None
+    crop_padding: int = 4  # standard augmentation: zero padding before the random crop (the paper's 4 pixels)
+    eval_every: int = 1  # evaluate every N epochs and after the last one (evaluation costs time in short runs)
     input_size: int | None = None
     train_subset: int | None = None  # a stratified random subset of the training images, for short runs
     seed: int = 0
@@ -114,6 +116,9 @@ class TrainOptions:
             _positive("train-subset", self.train_subset, int)
         if self.threads is not None:
             _positive("threads", self.threads, int)
+        _positive("eval-every", self.eval_every, int)
+        if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, int) or self.crop_padding < 0:
+            raise ConfigError(f"--crop-padding must be an integer >= 0, not {self.crop_padding!r}")
         if self.input_size is not None:
             _positive("input-size", self.input_size, int)
         for name, value, allowed in (("augment", self.augment, ("standard", "none")),

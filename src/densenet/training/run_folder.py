@@ -139,20 +139,27 @@ def write_curves(run_dir: Path, history: list[dict[str, float]], title: str) -> 
 
     epochs = [row["epoch"] for row in history]
     minutes = [s / 60 for s in itertools.accumulate(row.get("seconds", 0.0) for row in history)]
+    # Epochs without an evaluation (--eval-every) have no test or validation error: plot the evaluated ones.
+    tested = [(e, m, row["test_error"]) for e, m, row in zip(epochs, minutes, history, strict=True)
+              if "test_error" in row]
     fig, (ax, ax_time) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     ax.plot(epochs, [row["train_error"] for row in history], label="train error")
     if any("val_error" in row for row in history):
-        ax.plot(epochs, [row.get("val_error", float("nan")) for row in history], label="validation error")
-    ax.plot(epochs, [row["test_error"] for row in history], label="test error")
+        ax.plot(*zip(*[(row["epoch"], row["val_error"]) for row in history if "val_error" in row], strict=True),
+                marker=".", label="validation error")
+    if tested:
+        ax.plot([t[0] for t in tested], [t[2] for t in tested], marker="." if len(tested) < len(epochs) else None,
+                label="test error")
     ax.set_xlabel("epoch")
     ax.set_ylabel("error (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax_time.plot(minutes, [row["test_error"] for row in history], marker="o", color="C2")
-    for m, row in zip(minutes[-1:], history[-1:], strict=True):
-        ax_time.annotate(f"{row['test_error']:.2f}% after {m:.1f} min", (m, row["test_error"]),
-                         textcoords="offset points", xytext=(-10, 12), ha="right")
+    if tested:
+        ax_time.plot([t[1] for t in tested], [t[2] for t in tested], marker="o", color="C2")
+        _, m, error = tested[-1]
+        ax_time.annotate(f"{error:.2f}% after {m:.1f} min", (m, error), textcoords="offset points",
+                         xytext=(-10, 12), ha="right")
     ax_time.set_xlabel("wall-clock minutes (training + evaluation)")
     ax_time.set_ylabel("test error (%)")
     ax_time.set_title("test error against time")
