@@ -221,3 +221,47 @@ def test_crop_padding_reaches_the_augmentation(monkeypatch, tmp_path):
     assert main(["train", *TINY, "--epochs", "1", "--crop-padding", "2", "--augment", "standard", "--eager",
                  "--out", str(tmp_path / "run")]) == 0
     assert seen and set(seen) == {2}
+
+
+def test_time_paths_keeps_the_fastest_and_leaves_model_and_rng_alone(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # the suite stays eager
+    cpu = torch.device("cpu")
+    runtime = fast.plan(TrainOptions(dataset="cifar10"), cpu, total_steps=10**6)
+    assert runtime.timed and runtime.compile  # a long CPU run: measured
+    assert not fast.plan(TrainOptions(dataset="cifar10"), cpu, total_steps=10**6, distributed=True).timed
+    assert not fast.plan(TrainOptions(dataset="cifar10", channels_last=False), cpu, total_steps=10**6).timed
+    assert not fast.plan(TrainOptions(dataset="cifar10", compile="on"), cpu, total_steps=10**6).timed
+    torch.manual_seed(0)
+    model = create_model("densenet_bc10_k4", num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    chosen = fast.time_paths(model, runtime, (3, 8, 8), 3, batch_size=4, steps=2, say=pytest.fail)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(chosen.rates) == {name for name, _, _ in fast.PATHS} and all(r > 0 for r in chosen.rates.values())
+    best = max(chosen.rates, key=chosen.rates.get)
+    assert (best, chosen.compile, chosen.channels_last) in fast.PATHS and not chosen.timed
+    assert "timed fastest" in chosen.reason and best in chosen.reason
+
+
+def test_time_paths_drops_a_path_whose_compiler_fails(monkeypatch):
+    def broken(module, **kwargs):
+        def fail(x):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    runtime = fast.plan(TrainOptions(dataset="cifar10"), torch.device("cpu"), total_steps=10**6)
+    said = []
+    chosen = fast.time_paths(create_model("densenet_bc10_k4", num_classes=3), runtime, (3, 8, 8), 3, batch_size=4,
+                             steps=1, say=said.append)
+    assert "compiled channels_last" not in chosen.rates and not chosen.compile and len(said) == 1
+
+
+def test_a_long_cpu_run_records_the_timed_paths(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    monkeypatch.setattr(fast, "COMPILE_MIN_STEPS", 1)
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    runtime = yaml.safe_load((run / "config.yaml").read_text())["runtime"]
+    assert set(runtime["rates"]) == {name for name, _, _ in fast.PATHS} and "timed fastest" in runtime["reason"]

@@ -12,6 +12,12 @@
   eagerly and says so.
 - **channels_last** where it wins: with compile (inductor's convolutions prefer NHWC on CPU and CUDA)
   and on CUDA; eager on CPU stays NCHW, where our concatenation-free block is fastest.
+- **measured, not assumed, on a CPU**: which of compiled channels_last, eager channels_last and eager NCHW
+  is fastest depends on the CPU and the precision (a 2-core AMD EPYC with AVX-512 BF16: compiled 1.7x eager
+  in bf16, but eager channels_last 1.1x compiled in fp32; an Intel Xeon without bf16: compiled 1.35-1.45x
+  eager in fp32). So a long single-process CPU run with ``--compile auto`` and no layout flag trains a copy
+  of the model for a few steps in each path (``time_paths``) and keeps the fastest; the compiled candidate
+  fills inductor's cache, so the run's own compile is a cache hit. The timings go into config.yaml.
 - **threads**: torch's default (one per core), except for the 8x8 digits (see options.py).
 - **precision** stays what ``--amp`` says (fp32 by default: the paper's numbers). ``--amp auto`` picks bf16
   autocast where the hardware computes bf16 natively (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX;
@@ -24,8 +30,11 @@ choice, ``--eager`` turns off both compile and channels_last; config.yaml record
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +55,14 @@ class Runtime:
     device: str
     amp: str
     reason: str
+    timed: bool = False  # compile and channels_last are to be chosen by time_paths (set by plan)
+    rates: dict[str, float] | None = None  # images/s of each path time_paths tried
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"torch": str(torch.__version__)}
 
 
-def plan(options, device: torch.device, total_steps: int) -> Runtime:
+def plan(options, device: torch.device, total_steps: int, distributed: bool = False) -> Runtime:
     """Decide compile / channels_last for this run from the options (None or "auto": decide here)."""
     if options.compile == "off":
         compile_, reason = False, "--compile off"
@@ -63,6 +74,8 @@ def plan(options, device: torch.device, total_steps: int) -> Runtime:
         compile_, reason = False, f"{total_steps} steps: too short to pay for compiling (< {COMPILE_MIN_STEPS})"
     else:
         compile_, reason = True, f"{total_steps} steps: compiled"
+    timed = (options.compile == "auto" and compile_ and options.channels_last is None and device.type == "cpu"
+             and not distributed)
     channels_last = options.channels_last
     if channels_last is None:
         channels_last = compile_ or device.type == "cuda"
@@ -70,7 +83,61 @@ def plan(options, device: torch.device, total_steps: int) -> Runtime:
     if amp == "auto":
         amp = "bf16" if native_bf16(device) else "none"
     return Runtime(compile=compile_, channels_last=bool(channels_last), threads=torch.get_num_threads(),
-                   device=str(device), amp=amp, reason=reason)
+                   device=str(device), amp=amp, reason=reason, timed=timed)
+
+
+# (name, compile, channels_last): the paths time_paths compares, the usual winner first.
+PATHS = (("compiled channels_last", True, True), ("eager channels_last", False, True), ("eager NCHW", False, False))
+
+
+def time_paths(model: torch.nn.Module, runtime: Runtime, input_shape: tuple[int, ...], num_classes: int,
+               batch_size: int, steps: int = 6, say: Callable[[str], None] = print) -> Runtime:
+    """Train a copy of ``model`` for a few SGD steps on a random batch in each of PATHS; keep the fastest.
+
+    The model, its optimiser and the random number generators are left as they were (a copy trains, the RNG
+    state is restored), so a timed run gives the same numbers as one told its path. Costs about one compile
+    (cached on disk and reused by the run) plus 3 x (2 + ``steps``) training steps.
+    """
+    from densenet.training.engine import autocast
+
+    device = torch.device(runtime.device)
+    rng = torch.get_rng_state()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((batch_size, *input_shape), generator=generator).to(device)
+    y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+    rates: dict[str, float] = {}
+    try:
+        for name, compile_, channels_last in PATHS:
+            net = copy.deepcopy(model).train()
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            net = net.to(memory_format=layout)
+            inputs = x.contiguous(memory_format=layout)
+            optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+            forward = StaticBatchModule(net, {batch_size}, say=say) if compile_ else net
+
+            def step() -> None:
+                with autocast(device, runtime.amp):
+                    loss = torch.nn.functional.cross_entropy(forward(inputs).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            step(), step()  # warm-up: compiling, allocator, caches
+            if compile_ and forward.compiled is None:  # the compiler failed (said once): not a candidate
+                continue
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            rates[name] = round(steps * batch_size / (time.perf_counter() - start), 1)
+    finally:
+        torch.set_rng_state(rng)
+    if not rates:
+        return replace(runtime, timed=False)
+    best = max(rates, key=rates.get)
+    _, compile_, channels_last = next(p for p in PATHS if p[0] == best)
+    table = ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
+    return replace(runtime, compile=compile_, channels_last=channels_last, timed=False, rates=rates,
+                   reason=f"{runtime.reason}, timed fastest ({table} img/s)")
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -224,7 +224,12 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     train_batches = Batches(data, data.train, per_rank, info, device, train=True,
                             augment=options.augment == "standard", seed=options.seed, workers=options.workers,
                             crop_padding=options.crop_padding)
-    runtime = fast.plan(options, device, total_steps=len(train_batches) * options.epochs)
+    runtime = fast.plan(options, device, total_steps=len(train_batches) * options.epochs, distributed=info.enabled)
+    if runtime.timed:  # a long CPU run: which path is fastest here is measured (training/fast.py)
+        shape = (tuple(data.train.images.shape[1:]) if data.in_memory
+                 else (data.in_chans, options.input_size or 224, options.input_size or 224))
+        runtime = fast.time_paths(model, runtime, shape, data.num_classes, per_rank,
+                                  say=_say if info.is_main else lambda _: None)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, options)
