@@ -65,3 +65,41 @@ def test_schedule_is_the_papers():
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+
+
+# Every flag densenet train had before its flags were generated from TrainOptions' fields.
+TRAIN_FLAGS = ("--config --model --dataset --data-dir --download --epochs --batch-size --lr --schedule --warmup "
+               "--milestones --weight-decay --weight-decay-on --label-smoothing --tta --drop-rate --augment "
+               "--input-size --train-subset --seed --device --workers --threads --amp --compile --channels-last "
+               "--no-channels-last --eager --memory-efficient --init --out --resume --quiet --crop-padding "
+               "--eval-every").split()
+
+
+def _train_parser():
+    import argparse
+
+    from densenet.training.train import add_arguments
+
+    parser = argparse.ArgumentParser(prog="densenet train")
+    add_arguments(parser)
+    return parser
+
+
+def test_train_flags_are_the_options_fields():
+    parser = _train_parser()
+    flags = {s for action in parser._actions for s in action.option_strings} - {"-h", "--help"}
+    assert flags == set(TRAIN_FLAGS)
+    args = parser.parse_args([])
+    assert all(value is None for value in vars(args).values())  # only flags given override a recipe
+    args = parser.parse_args(["--batch-size", "8", "--lr", "0.05", "--milestones", "3", "5", "--no-channels-last",
+                              "--schedule", "onecycle", "--quiet", "--amp", "bf16"])
+    assert (args.batch_size, args.lr, args.milestones, args.channels_last, args.schedule, args.quiet, args.amp) == (
+        8, 0.05, [3, 5], False, "onecycle", True, "bf16")
+
+
+def test_a_flags_choices_are_the_fields_literal(capsys):
+    with pytest.raises(SystemExit):
+        _train_parser().parse_args(["--weight-decay-on", "biases"])
+    assert "choose from 'all', 'weights'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--weight-decay-on must be one of all, weights"):
+        TrainOptions(weight_decay_on="biases")

@@ -8,7 +8,6 @@ except the model and optimiser, which is what makes a resumed run exactly equal 
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from densenet.data.augment import normalize, pad_crop_flip
 from densenet.data.datasets import Data, Split, worker_error_message
+from densenet.devices import autocast
 from densenet.errors import DenseNetError
 from densenet.training.distributed import Dist, all_sum, broadcast_flag
 
@@ -109,12 +109,6 @@ class Batches:
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
-
-
-def autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, epoch: int,

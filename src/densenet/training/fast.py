@@ -98,7 +98,7 @@ def time_paths(model: torch.nn.Module, runtime: Runtime, input_shape: tuple[int,
     state is restored), so a timed run gives the same numbers as one told its path. Costs about one compile
     (cached on disk and reused by the run) plus 3 x (2 + ``steps``) training steps.
     """
-    from densenet.training.engine import autocast
+    from densenet.devices import autocast
 
     device = torch.device(runtime.device)
     rng = torch.get_rng_state()

@@ -1,81 +1,100 @@
 """Training options: one typed dataclass, filled from defaults, then a YAML recipe, then command-line flags.
 
-    options = resolve_options(recipe="configs/cifar10_densenet40_k12_aug.yaml", overrides={"epochs": 2})
+    options = resolve_options(recipe="configs/c10plus-densenet40_k12.yaml", overrides={"epochs": 2})
 
-Defaults depend on the data set (the paper's protocol): CIFAR 300 epochs, SVHN 40, ImageNet 90 with the
-learning rate divided by 10 at epochs 30 and 60; batch 64 (256 for ImageNet); dropout 0.2 when the data
-are not augmented (C10, C100, SVHN). The resolved options are saved as the run folder's config.yaml and
-inside every checkpoint, so a resumed run continues with exactly what the interrupted one used.
+Defaults depend on the data set (the paper's protocol, kept in each data set's record,
+``densenet.data.registry``): CIFAR 300 epochs, SVHN 40, ImageNet 90 with the learning rate divided by 10
+at epochs 30 and 60; batch 64 (256 for ImageNet); dropout 0.2 when the data are not augmented (C10, C100,
+SVHN). The resolved options are saved as the run folder's config.yaml and inside every checkpoint, so a
+resumed run continues with exactly what the interrupted one used.
+
+Each option is written once, here: its type, default, help and choices (a ``Literal``) make both the check
+in ``__post_init__`` and the ``densenet train`` flag (``add_flags``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from densenet.data.datasets import DATASETS, check_dataset
+from densenet.data.registry import DATASETS, dataset_record
 from densenet.errors import ConfigError
 
-# data set -> (model, epochs, batch size, milestones (None: 50% and 75% of the epochs))
-DATASET_DEFAULTS: dict[str, tuple[str, int, int, list[int] | None]] = {
-    "digits": ("densenet_bc40_k12", 20, 64, None),
-    "cifar10": ("densenet_bc100_k12", 300, 64, None),
-    "cifar100": ("densenet_bc100_k12", 300, 64, None),
-    "svhn": ("densenet_bc100_k12", 40, 64, None),
-    "imagenet": ("densenet121", 90, 256, [30, 60]),
-    "folder": ("densenet121", 90, 64, None),
-}
 # Keys a recipe may carry that describe it rather than set an option (and any paper_* key).
 RECIPE_INFO = ("description",)
 
 
-_FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "lr_gamma", "warmup", "label_smoothing", "drop_rate")
+
+def option(default: Any = None, help: str | None = None, *, metavar: str | None = None, flag: bool = True) -> Any:
+    """A TrainOptions field with its flag's help (``flag=False``: set by recipes only)."""
+    return field(default=default, metadata=dict(help=help, metavar=metavar, flag=flag))
 
 
 @dataclass
 class TrainOptions:
-    dataset: str = "digits"
-    model: str | None = None
-    data_dir: str | None = None
-    download: bool = False
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    milestones: list[int] | None = None
-    lr_gamma: float = 0.1
-    schedule: Literal["step", "onecycle", "cosine"] = "step"  # step: the paper's; see training/schedule.py
-    warmup: float = 0.25  # onecycle/cosine: the fraction of all steps spent warming up
-    weight_decay_on: Literal["all", "weights"] = "all"  # weights: conv/linear weights only, not BN or biases
-    label_smoothing: float = 0.0
-    tta: Literal["none", "flip"] = "none"  # test-time augmentation of every evaluation: flip = image + mirror
-    drop_rate: float | None = None
-    augment: Literal["standard", "none"] | None = None
-    crop_padding: int = 4  # standard augmentation: zero padding before the random crop (the paper's 4 pixels)
-    eval_every: int = 1  # evaluate every N epochs and after the last one (evaluation costs time in short runs)
-    input_size: int | None = None
-    train_subset: int | None = None  # a stratified random subset of the training images, for short runs
-    seed: int = 0
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    workers: int = 4
-    threads: int | None = None  # CPU threads for torch (default: torch's choice, one per core)
-    amp: Literal["none", "bf16", "fp16", "auto"] = "none"  # auto: bf16 where the hardware has it natively
-    compile: Literal["auto", "on", "off"] = "auto"  # auto: when the run is long enough to pay for compiling
-    channels_last: bool | None = None  # None: where it is faster (with compile); see training/fast.py
-    memory_efficient: bool = False
-    init: str | None = None
-    out: str | None = None
-    quiet: bool = False
-    info: dict[str, Any] = field(default_factory=dict)  # paper_error etc., copied from the recipe
+    dataset: str = option("digits", f"one of {', '.join(DATASETS)} (default digits, built in)")
+    model: str | None = option(None, "a model name (densenet list), e.g. densenet40_k12 or densenet_bc100_k12")
+    data_dir: str | None = option(None, "where the data set is (default data/<dataset>)")
+    download: bool = option(False, "download CIFAR/SVHN when missing (needs internet)")
+    epochs: int | None = option(None)
+    batch_size: int | None = option(None, "total over all processes (paper: 64 CIFAR/SVHN, 256 ImageNet)")
+    lr: float = option(0.1, "initial (step) or peak (onecycle, cosine) learning rate (paper: 0.1)")
+    momentum: float = option(0.9, flag=False)
+    nesterov: bool = option(True, flag=False)
+    weight_decay: float = option(1e-4, "L2 weight decay (paper: 1e-4)")
+    milestones: list[int] | None = option(None, "step schedule: epochs where the rate is divided by 10 (default "
+                                          "50%% and 75%% of the epochs)", metavar="EPOCH")
+    lr_gamma: float = option(0.1, flag=False)
+    schedule: Literal["step", "onecycle", "cosine"] = option("step", "step (the paper's, default): the rate divided "
+        "by 10 at --milestones; onecycle: linear warm-up to --lr then linear decay to zero, per step; cosine: "
+        "warm-up then cosine decay to zero, per step (short runs learn most with onecycle)")  # training/schedule.py
+    warmup: float = option(0.25, "onecycle/cosine: fraction of the steps spent warming up (default 0.25)",
+                           metavar="FRACTION")
+    weight_decay_on: Literal["all", "weights"] = option("all", "all parameters (the paper's, default) or the "
+                                                        "conv/linear weights only (not BN scales, biases)")
+    label_smoothing: float = option(0.0, "cross-entropy against (1-EPS) one-hot + EPS uniform (default 0)",
+                                    metavar="EPS")
+    tta: Literal["none", "flip"] = option("none", "test-time augmentation of every evaluation: flip averages the "
+                                          "softmax of each image and its mirror image (default none)")
+    drop_rate: float | None = option(None, "dropout after each convolution (paper: 0.2 without augmentation)")
+    augment: Literal["standard", "none"] | None = option(None, "standard: the paper's (pad-crop-flip; ImageNet: "
+                                                         "fb.resnet.torch); default by data set")
+    crop_padding: int = option(4, "standard augmentation of in-memory sets: zero padding before the random crop "
+                               "(the paper's 4; 2 suits short runs better)", metavar="PIXELS")
+    eval_every: int = option(1, "evaluate every N epochs and after the last (default 1; evaluation is a tenth of an "
+                             "epoch's time in short CPU runs)", metavar="N")
+    input_size: int | None = option(None, "image side for folder/imagenet (default 224)")
+    train_subset: int | None = option(None, "train on a stratified random N of the training images (in-memory "
+                                      "sets; for short runs)", metavar="N")
+    seed: int = option(0)
+    device: Literal["cpu", "cuda", "auto"] = option("auto")
+    workers: int = option(4, "DataLoader workers for streamed data sets (default 4)")
+    threads: int | None = option(None, "CPU threads (1 is faster on a busy machine: no waiting on a preempted "
+                                 "thread)")  # default: the data set's record, else torch's choice (one per core)
+    amp: Literal["none", "bf16", "fp16", "auto"] = option("none", "mixed precision: bf16 autocast, fp16 with a "
+        "gradient scaler (CUDA), or auto: bf16 where the hardware computes it natively (CUDA; CPUs with AVX-512 "
+        "BF16 or AMX), else none (default none: fp32)")
+    compile: Literal["auto", "on", "off"] = option("auto", "torch.compile the training step: auto (default) when "
+                                                   "the run is long enough to pay for compiling (see "
+                                                   "densenet/training/fast.py)")
+    channels_last: bool | None = option(None, "NHWC memory layout (default: with compile or CUDA, where it is "
+                                        "faster)")  # None: decided by training/fast.py
+    memory_efficient: bool = option(False, "shared-storage dense blocks (less memory)")
+    init: str | None = option(None, "start from these weights (a new classifier if the classes differ)",
+                              metavar="WEIGHTS")
+    out: str | None = option(None, "the run folder (default runs/<dataset>-<model>-<time>)", metavar="RUN_DIR")
+    quiet: bool = option(False, "no progress bar")
+    info: dict[str, Any] = field(default_factory=dict, metadata=dict(flag=False))  # paper_error etc., from the recipe
 
     def __post_init__(self) -> None:
-        check_dataset(self.dataset)
+        record = dataset_record(self.dataset)
         for name in _FLOAT_FIELDS:  # YAML reads 5e-4 (no dot) as a string
             value = getattr(self, name)
             if isinstance(value, str):
@@ -83,19 +102,16 @@ class TrainOptions:
                     setattr(self, name, float(value))
                 except ValueError:
                     raise ConfigError(f"--{name.replace('_', '-')} must be a number, not {value!r}") from None
-        model, epochs, batch_size, milestones = DATASET_DEFAULTS[self.dataset]
-        self.model = self.model or model
-        self.epochs = epochs if self.epochs is None else self.epochs
-        self.batch_size = batch_size if self.batch_size is None else self.batch_size
-        self.augment = self.augment or DATASETS[self.dataset][0]
-        if self.threads is None and self.dataset == "digits":
-            # 8x8 images: the ops are too small for a second thread to pay, and on a busy machine two threads
-            # wait on each other at every op (measured here: 313 images/s with one, 12 with two).
-            self.threads = 1
+        self.model = self.model or record.model
+        self.epochs = record.epochs if self.epochs is None else self.epochs
+        self.batch_size = record.batch_size if self.batch_size is None else self.batch_size
+        self.augment = self.augment or record.augment
+        self.threads = record.threads if self.threads is None else self.threads
         if self.drop_rate is None:  # the paper: dropout 0.2 where there is no augmentation (C10, C100, SVHN)
-            self.drop_rate = 0.2 if self.augment == "none" and self.dataset in ("cifar10", "cifar100", "svhn") else 0.0
+            self.drop_rate = 0.2 if self.augment == "none" and record.dropout else 0.0
         if self.milestones is None:
-            self.milestones = milestones or sorted({int(self.epochs * 0.5), int(self.epochs * 0.75)} - {0})
+            self.milestones = (list(record.milestones) if record.milestones
+                               else sorted({int(self.epochs * 0.5), int(self.epochs * 0.75)} - {0}))
         self._validate()
 
     def _validate(self) -> None:
@@ -121,15 +137,10 @@ class TrainOptions:
             raise ConfigError(f"--crop-padding must be an integer >= 0, not {self.crop_padding!r}")
         if self.input_size is not None:
             _positive("input-size", self.input_size, int)
-        for name, value, allowed in (("augment", self.augment, ("standard", "none")),
-                                     ("device", self.device, ("cpu", "cuda", "auto")),
-                                     ("amp", self.amp, ("none", "bf16", "fp16", "auto")),
-                                     ("schedule", self.schedule, ("step", "onecycle", "cosine")),
-                                     ("weight-decay-on", self.weight_decay_on, ("all", "weights")),
-                                     ("tta", self.tta, ("none", "flip")),
-                                     ("compile", self.compile, ("auto", "on", "off"))):
-            if value not in allowed:
-                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                  f"not {getattr(self, name)!r}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"--warmup must be a fraction in [0, 1), not {self.warmup}")
         if not 0 <= self.label_smoothing < 1:
@@ -147,6 +158,44 @@ def _positive(name: str, value: Any, kind: type) -> None:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainOptions)}
+_TYPES = typing.get_type_hints(TrainOptions)
+
+
+def _base(hint: Any) -> Any:
+    """int for ``int | None``, Literal[...] for ``Literal[...] | None``: the annotation without None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(t for t in typing.get_args(hint) if t is not type(None))
+    return hint
+
+
+# option -> its allowed values, from the Literal annotations
+CHOICES = {name: typing.get_args(_base(hint)) for name, hint in _TYPES.items()
+           if typing.get_origin(_base(hint)) is Literal}
+_FLOAT_FIELDS = [name for name, hint in _TYPES.items() if _base(hint) is float]  # YAML may give them as strings
+FLAGS = [f.name for f in dataclasses.fields(TrainOptions) if f.metadata.get("flag", True)]
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option (``--batch-size`` for batch_size), its type, choices and help from the field.
+
+    Every flag defaults to None, so that only the flags actually given override a recipe.
+    """
+    for f in dataclasses.fields(TrainOptions):
+        if f.name not in FLAGS:
+            continue
+        hint, kwargs = _TYPES[f.name], dict(help=f.metadata.get("help"), metavar=f.metadata.get("metavar"))
+        base = _base(hint)
+        if f.name in CHOICES:
+            kwargs.update(choices=list(CHOICES[f.name]))
+        elif base is bool:  # bool | None: --x / --no-x; plain bool: --x
+            kwargs.update(action=argparse.BooleanOptionalAction if hint is not bool else "store_true")
+        elif typing.get_origin(base) is list:
+            kwargs.update(type=typing.get_args(base)[0], nargs="+")
+        elif base in (int, float):
+            kwargs.update(type=base)
+        if kwargs.get("action"):
+            kwargs.pop("metavar")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", default=None, **kwargs)
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

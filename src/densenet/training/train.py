@@ -1,11 +1,12 @@
 """``densenet train``: the paper's training protocol on any data set, into a run folder.
 
     densenet train                                         # DenseNet-BC on the built-in digits, a few minutes
-    densenet train --config configs/c10+_densenet40_k12.yaml --data-dir data/cifar10
+    densenet train --config configs/c10plus-densenet40_k12.yaml --data-dir data/cifar10
     densenet train --resume runs/cifar10-densenet40_k12-20260101-120000
-    torchrun --nproc_per_node 8 -m densenet train --config configs/imagenet_densenet121.yaml --data-dir /imagenet
+    torchrun --nproc_per_node 8 -m densenet train --config configs/imagenet-densenet121.yaml --data-dir /imagenet
 
-Flags override the recipe; the resolved options go to RUN_DIR/config.yaml and into every checkpoint.
+Flags override the recipe; the resolved options go to RUN_DIR/config.yaml and into every checkpoint. The flags
+are TrainOptions' fields (training/options.py), plus --config, --eager and --resume.
 """
 
 from __future__ import annotations
@@ -21,79 +22,32 @@ import numpy as np
 import torch
 import yaml
 
-from densenet.data.datasets import DATASETS, Data, load_data, subset
+from densenet.data.datasets import Data, load_data, subset
+from densenet.devices import resolve_device
 from densenet.errors import ConfigError, DenseNetError
 from densenet.models import create_model
 from densenet.training import distributed, fast, run_folder
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
 from densenet.training.engine import Batches, NonFiniteLoss, Stats, epoch_seed, evaluate, train_one_epoch
-from densenet.training.options import TrainOptions, resolve_options
+from densenet.training.options import FLAGS, TrainOptions, add_flags, resolve_options
 from densenet.training.schedule import build_optimizer, build_scheduler, per_step
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``train`` flags; every one defaults to None so that only flags actually given override a recipe."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` flags: one per TrainOptions field (``options.add_flags``), and three of this command's own.
+
+    Every flag defaults to None, so that only the flags actually given override a recipe.
+    """
     add = parser.add_argument
     add("--config", metavar="FILE.yaml", help="a recipe (configs/*.yaml); flags given here override it")
-    add("--model", help="a model name (densenet list), e.g. densenet40_k12 or densenet_bc100_k12")
-    add("--dataset", help=f"one of {', '.join(DATASETS)} (default digits, built in)")
-    add("--data-dir", help="where the data set is (default data/<dataset>)")
-    add("--download", action="store_true", default=None, help="download CIFAR/SVHN when missing (needs internet)")
-    add("--epochs", type=int)
-    add("--batch-size", type=int, help="total over all processes (paper: 64 CIFAR/SVHN, 256 ImageNet)")
-    add("--lr", type=float, help="initial (step) or peak (onecycle, cosine) learning rate (paper: 0.1)")
-    add("--schedule", choices=["step", "onecycle", "cosine"], help="step (the paper's, default): the rate divided "
-        "by 10 at --milestones; onecycle: linear warm-up to --lr then linear decay to zero, per step; cosine: "
-        "warm-up then cosine decay to zero, per step (short runs learn most with onecycle)")
-    add("--warmup", type=float, metavar="FRACTION", help="onecycle/cosine: fraction of the steps spent warming up "
-        "(default 0.25)")
-    add("--milestones", type=int, nargs="+", metavar="EPOCH", help="step schedule: epochs where the rate is "
-        "divided by 10 (default 50%% and 75%% of the epochs)")
-    add("--weight-decay", type=float, help="L2 weight decay (paper: 1e-4)")
-    add("--weight-decay-on", choices=["all", "weights"], help="all parameters (the paper's, default) or the "
-        "conv/linear weights only (not BN scales, biases)")
-    add("--label-smoothing", type=float, metavar="EPS", help="cross-entropy against (1-EPS) one-hot + EPS uniform "
-        "(default 0)")
-    add("--tta", choices=["none", "flip"], help="test-time augmentation of every evaluation: flip averages the "
-        "softmax of each image and its mirror image (default none)")
-    add("--drop-rate", type=float, help="dropout after each convolution (paper: 0.2 without augmentation)")
-    add("--augment", choices=["standard", "none"], help="standard: the paper's (pad-crop-flip; ImageNet: "
-        "fb.resnet.torch); default by data set")
-    add("--crop-padding", type=int, metavar="PIXELS", help="standard augmentation of in-memory sets: zero padding "
-        "before the random crop (the paper's 4; 2 suits short runs better)")
-    add("--eval-every", type=int, metavar="N", help="evaluate every N epochs and after the last (default 1; "
-        "evaluation is a tenth of an epoch's time in short CPU runs)")
-    add("--input-size", type=int, help="image side for folder/imagenet (default 224)")
-    add("--train-subset", type=int, metavar="N", help="train on a stratified random N of the training images "
-        "(in-memory sets; for short runs)")
-    add("--seed", type=int)
-    add("--device", choices=["cpu", "cuda", "auto"])
-    add("--workers", type=int, help="DataLoader workers for streamed data sets (default 4)")
-    add("--threads", type=int, help="CPU threads (1 is faster on a busy machine: no waiting on a preempted thread)")
-    add("--amp", choices=["none", "bf16", "fp16", "auto"], help="mixed precision: bf16 autocast, fp16 with a "
-        "gradient scaler (CUDA), or auto: bf16 where the hardware computes it natively (CUDA; CPUs with AVX-512 "
-        "BF16 or AMX), else none (default none: fp32)")
-    add("--compile", choices=["auto", "on", "off"], help="torch.compile the training step: auto (default) when the "
-        "run is long enough to pay for compiling (see densenet/training/fast.py)")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory layout "
-        "(default: with compile or CUDA, where it is faster)")
+    add_flags(parser)
     add("--eager", action="store_true", default=None, help="plain eager PyTorch, NCHW: the same as --compile off "
         "--no-channels-last")
-    add("--memory-efficient", action="store_true", default=None, help="shared-storage dense blocks (less memory)")
-    add("--init", metavar="WEIGHTS", help="start from these weights (a new classifier if the classes differ)")
-    add("--out", metavar="RUN_DIR", help="the run folder (default runs/<dataset>-<model>-<time>)")
     add("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    add("--quiet", action="store_true", default=None, help="no progress bar")
 
 
-_FLAG_OPTIONS = ("model", "dataset", "data_dir", "download", "epochs", "batch_size", "lr", "schedule", "warmup",
-                 "milestones", "weight_decay", "weight_decay_on", "label_smoothing", "tta", "drop_rate", "augment",
-                 "input_size", "train_subset", "seed", "device", "workers", "threads", "amp", "compile",
-                 "channels_last", "memory_efficient", "init", "out", "quiet", "crop_padding", "eval_every")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name, None) for name in _FLAG_OPTIONS}
+def run(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name, None) for name in FLAGS}
     if getattr(args, "eager", None):
         if args.compile not in (None, "off") or args.channels_last:
             raise ConfigError("--eager means --compile off and --no-channels-last; drop one of them")
@@ -103,9 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _resolve_device(options: TrainOptions) -> torch.device:
-    if options.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but CUDA is not available here; use --device cpu or auto")
-    device = torch.device("cuda" if options.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    device = resolve_device(options.device)
     if options.amp == "fp16" and device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA (its gradient scaler); on CPU use --amp bf16 or none")
     return device
