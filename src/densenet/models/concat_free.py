@@ -5,8 +5,8 @@ BN1 recomputes the batch mean and variance of every channel, though a channel's 
 once it is written. Here
 
 - the block's maps are written once into one buffer (N, C_in + L*k, H, W); layer l's BN1 reads the view
-  ``buffer[:, :C_in + l*k]``;
-- each channel's batch mean and variance are computed once, when it enters the buffer; BN1 then runs BN's
+  ``buffer[:, :C_in + l*k]`` (``models/block_buffer.py``, shared with the memory-efficient block);
+- each channel's batch mean and variance are computed once, after it enters the buffer; BN1 then runs BN's
   one-pass inference kernel with them, with ReLU applied in place on its fresh output;
 - the backward pass is torch's own fused BN backward (``native_batch_norm_backward`` in training mode, so
   the gradient through the batch statistics is exactly BN's), and hands each earlier map its slice.
@@ -18,58 +18,43 @@ in torchvision, for speed. Parameters, running statistics, outputs and gradients
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from densenet.models.block_buffer import BlockBuffer, update_running_stats
+
+if TYPE_CHECKING:
+    from densenet.models.densenet import DenseBlock, DenseLayer
 
 aten = torch.ops.aten
 
 
-class BlockBuffer:
-    """The maps of one dense block's forward pass, in one tensor, with per-channel batch statistics."""
-
-    def __init__(self, x: Tensor, total_channels: int) -> None:
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        n, _, h, w = x.shape
-        self.data = torch.empty((n, total_channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
-        self.sizes: list[int] = []  # channels of each map written so far
-        self.means: list[Tensor] = []
-        self.variances: list[Tensor] = []
-
-    @property
-    def channels(self) -> int:
-        return sum(self.sizes)
-
-    def append(self, maps: Sequence[Tensor]) -> None:
-        """Write the maps not yet in the buffer (the last ones of ``maps``)."""
-        for t in maps[len(self.sizes):]:
-            c = self.channels
-            self.data[:, c:c + t.shape[1]].copy_(t)
-            self.sizes.append(t.shape[1])
-
-    def batch_stats(self) -> tuple[Tensor, Tensor]:
-        """Per-channel batch mean and biased variance of every channel written, each computed once."""
-        start = sum(self.sizes[:len(self.means)])
-        for size in self.sizes[len(self.means):]:
-            t = self.data[:, start:start + size]
-            acc = torch.promote_types(t.dtype, torch.float32)
-            var, mean = torch.var_mean(t.to(acc), dim=(0, 2, 3), correction=0)
-            self.means.append(mean)
-            self.variances.append(var)
-            start += size
-        return torch.cat(self.means), torch.cat(self.variances)
+def concat_free_block_forward(block: DenseBlock, x: Tensor) -> Tensor:
+    """The output of ``block`` (all its maps, concatenated) for input ``x``, through one block buffer."""
+    buffer = BlockBuffer(x, block.out_channels)
+    features = [x]
+    for layer in block.values():
+        features.append(_layer_forward(layer, features, buffer))
+    return _BlockOutput.apply(buffer, *features)
 
 
-def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """What a training-mode nn.BatchNorm2d forward does to its running statistics."""
-    if not (bn.track_running_stats and bn.running_mean is not None):
-        return
-    bn.num_batches_tracked.add_(1)
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-    bn.running_var.mul_(1 - factor).add_(var * (count / max(count - 1, 1)), alpha=factor)
+def _layer_forward(layer: DenseLayer, maps: Sequence[Tensor], buffer: BlockBuffer) -> Tensor:
+    """``layer(maps)``, with the concatenation and the first BN-ReLU read from the buffer."""
+    first_bn = layer.norm1 if layer.bottleneck else layer.norm2
+    if type(first_bn) is not nn.BatchNorm2d:  # a replaced norm (folded, frozen...): the plain layer
+        return layer(maps)
+    y = _ConcatBatchNormReLU.apply(buffer, first_bn, first_bn.weight, first_bn.bias, *maps)
+    if layer.bottleneck:
+        y = layer.relu2(layer.norm2(_dropout(layer.conv1(y), layer)))
+    return _dropout(layer.conv2(y), layer)
+
+
+def _dropout(t: Tensor, layer: DenseLayer) -> Tensor:
+    return F.dropout(t, p=layer.drop_rate, training=layer.training) if layer.drop_rate > 0 else t
 
 
 class _ConcatBatchNormReLU(torch.autograd.Function):
@@ -84,7 +69,7 @@ class _ConcatBatchNormReLU(torch.autograd.Function):
         if batch_stats:
             mean, var = buffer.batch_stats()
             if bn.training:
-                _update_running_stats(bn, mean, var, x.numel() // c)
+                update_running_stats(bn, mean, var, x.numel() // c)
         else:
             mean, var = bn.running_mean, bn.running_var
         y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, bn.eps, False).relu_()
@@ -124,11 +109,3 @@ class _BlockOutput(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         return (None, *grad.split(ctx.sizes, dim=1))
-
-
-def concat_bn_relu(buffer: BlockBuffer, bn: nn.BatchNorm2d, maps: Sequence[Tensor]) -> Tensor:
-    return _ConcatBatchNormReLU.apply(buffer, bn, bn.weight, bn.bias, *maps)
-
-
-def block_output(buffer: BlockBuffer, maps: Sequence[Tensor]) -> Tensor:
-    return _BlockOutput.apply(buffer, *maps)

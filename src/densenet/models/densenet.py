@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet.errors import ConfigError
-from densenet.models.concat_free import BlockBuffer, block_output, concat_bn_relu
+from densenet.models.concat_free import concat_free_block_forward
 
 StemKind = Literal["cifar", "imagenet"]
 
@@ -48,32 +48,16 @@ class DenseLayer(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(inner, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
 
-    def bottleneck_forward(self, x: Tensor) -> Tensor:
-        """The part of H_l that reads the concatenated input: BN-ReLU-Conv1x1 (or just the input)."""
-        if not self.bottleneck:
-            return x
-        out = self.conv1(self.relu1(self.norm1(x)))
-        return F.dropout(out, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else out
+    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        """H_l([x_0, x_1, ..., x_{l-1}]): the earlier maps (a list, concatenated here) or their concatenation."""
+        if not isinstance(x, Tensor):
+            x = torch.cat(list(x), dim=1)
+        if self.bottleneck:
+            x = self._dropout(self.conv1(self.relu1(self.norm1(x))))
+        return self._dropout(self.conv2(self.relu2(self.norm2(x))))
 
-    def forward(self, x: Tensor | Sequence[Tensor], buffer: BlockBuffer | None = None) -> Tensor:
-        """H_l of ``x``, the earlier maps (a list, concatenated here) or their concatenation.
-
-        With the block's ``buffer`` the concatenation and the first BN-ReLU come from
-        ``concat_free.concat_bn_relu``: no copy of the earlier maps, their batch statistics reused.
-        """
-        first_bn = self.norm1 if self.bottleneck else self.norm2
-        if buffer is not None and not isinstance(x, Tensor) and type(first_bn) is nn.BatchNorm2d:
-            y = concat_bn_relu(buffer, first_bn, x)
-            if self.bottleneck:
-                y = self.conv1(y)
-                y = F.dropout(y, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else y
-                y = self.relu2(self.norm2(y))
-            out = self.conv2(y)
-        else:
-            if not isinstance(x, Tensor):
-                x = torch.cat(list(x), dim=1)
-            out = self.conv2(self.relu2(self.norm2(self.bottleneck_forward(x))))
-        return F.dropout(out, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else out
+    def _dropout(self, x: Tensor) -> Tensor:
+        return F.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else x
 
 
 class DenseBlock(nn.ModuleDict):
@@ -98,19 +82,22 @@ class DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[x_0, x_1, ..., x_L]: the block's input and every layer's k maps, concatenated.
+
+        The same result comes from two faster paths that share a block buffer (each map written once, each
+        channel's batch statistics computed once): ``efficient.py`` (memory_efficient: BN-ReLU recomputed in
+        the backward pass) and ``concat_free.py`` (eager NCHW training, see ``_concat_free``).
+        """
         if self.memory_efficient:
             from densenet.models.efficient import efficient_block_forward
 
             return efficient_block_forward(self, x)
+        if _concat_free(x):
+            return concat_free_block_forward(self, x)
         features = [x]
-        if not _concat_free(x):
-            for layer in self.values():
-                features.append(layer(features))
-            return torch.cat(features, dim=1)
-        buffer = BlockBuffer(x, self.out_channels)
         for layer in self.values():
-            features.append(layer(features, buffer))
-        return block_output(buffer, features)
+            features.append(layer(features))
+        return torch.cat(features, dim=1)
 
 
 def _concat_free(x: Tensor) -> bool:
@@ -177,19 +164,12 @@ class DenseNet(nn.Module):
             num_init_features = 2 * growth_rate if bottleneck_width else 16
         _validate(growth_rate, block_config, num_init_features, bottleneck_width, compression, stem, in_chans,
                   num_classes, drop_rate)
-        # The constructor arguments, enough to rebuild the network (weight files store them).
+        # The constructor arguments, enough to rebuild the network (weight files store them); the attributes
+        # growth_rate, block_config, ... read them from here.
         self.config = dict(growth_rate=growth_rate, block_config=list(block_config),
                            num_init_features=num_init_features, bottleneck_width=bottleneck_width or None,
                            compression=compression, stem=stem, in_chans=in_chans, num_classes=num_classes,
                            drop_rate=drop_rate)
-        self.growth_rate = growth_rate
-        self.block_config = block_config
-        self.bottleneck_width = bottleneck_width or None
-        self.compression = compression
-        self.stem = stem
-        self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
 
         features = nn.Sequential()
         if stem == "imagenet":
@@ -205,7 +185,7 @@ class DenseNet(nn.Module):
         self.feature_info: list[dict] = []
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, channels, growth_rate, self.bottleneck_width, drop_rate, memory_efficient)
+            block = DenseBlock(num_layers, channels, growth_rate, bottleneck_width or None, drop_rate, memory_efficient)
             features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"features.denseblock{i + 1}"))
@@ -234,6 +214,15 @@ class DenseNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+
+    growth_rate = property(lambda self: self.config["growth_rate"])
+    block_config = property(lambda self: tuple(self.config["block_config"]))
+    bottleneck_width = property(lambda self: self.config["bottleneck_width"])
+    compression = property(lambda self: self.config["compression"])
+    stem = property(lambda self: self.config["stem"])
+    in_chans = property(lambda self: self.config["in_chans"])
+    num_classes = property(lambda self: self.config["num_classes"])
+    drop_rate = property(lambda self: self.config["drop_rate"])
 
     @property
     def memory_efficient(self) -> bool:
@@ -273,7 +262,6 @@ class DenseNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised classifier for num_classes (0 removes it), e.g. for fine-tuning."""
-        self.num_classes = num_classes
         self.config["num_classes"] = num_classes
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from densenet.errors import DenseNetError
+from densenet.models.block_buffer import BlockBuffer, batch_mean_var, update_running_stats
 
 if TYPE_CHECKING:
     from densenet.models.densenet import DenseBlock, DenseLayer
@@ -115,24 +116,6 @@ def _autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
-
-
-def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """What nn.BatchNorm2d does in a training forward, once: num_batches_tracked and the running averages."""
-    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
-        return
-    bn.num_batches_tracked.add_(1)
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    unbiased = var * (count / max(count - 1, 1))
-    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
-
-
-def _stats(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel batch mean and biased variance, in float32 at least (BN's accumulation type)."""
-    acc = torch.promote_types(t.dtype, torch.float32)
-    var, mean = torch.var_mean(t.to(acc), dim=(0, 2, 3), correction=0)
-    return mean, var
 
 
 def _normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor,
@@ -206,21 +189,13 @@ def _forward(layers, x: Tensor, params: list, save: bool):
     conv_dtype = _autocast_dtype(device_type, x.dtype)
     n, c_in, h, w = x.shape
     growth = layers[0].conv2.out_channels
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    buffer = torch.empty((n, c_in + len(layers) * growth, h, w), device=x.device,
-                         dtype=torch.promote_types(x.dtype, conv_dtype),
-                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    buffer[:, :c_in].copy_(x)
+    block = BlockBuffer(x, c_in + len(layers) * growth, dtype=torch.promote_types(x.dtype, conv_dtype))
+    block.write(x)
+    buffer, channels_last = block.data, block.channels_last
     count = n * h * w
     ws, cast_ws = _workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last)
     batch_stats = [(_uses_batch_stats(layer.norm1 if layer.bottleneck else layer.norm2),
                     layer.bottleneck and _uses_batch_stats(layer.norm2)) for layer in layers]
-    # Per-channel batch statistics of the buffer, computed once per channel as it is written.
-    means: list[Tensor] = []
-    variances: list[Tensor] = []
-    if any(first for first, _ in batch_stats):
-        m, v = _stats(x)
-        means.append(m), variances.append(v)
     saved: list[Tensor | None] = []
     c, i = c_in, 0
     with _no_autocast(device_type):
@@ -229,9 +204,9 @@ def _forward(layers, x: Tensor, params: list, save: bool):
             lp = params[i:i + size]
             i += size
             first = layer.norm1 if layer.bottleneck else layer.norm2
-            if first_batch:
-                mean, var = torch.cat(means), torch.cat(variances)
-                _update_running_stats(first, mean, var, count)
+            if first_batch:  # each channel's statistics computed once, when a layer first reads it
+                mean, var = block.batch_stats()
+                update_running_stats(first, mean, var, count)
             else:
                 mean, var = first.running_mean, first.running_var
             y = _normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.view(c))
@@ -243,8 +218,8 @@ def _forward(layers, x: Tensor, params: list, save: bool):
                 if layer.drop_rate > 0 and layer.training:
                     mid, mask1 = _dropout(mid, layer.drop_rate)
                 if second_batch:
-                    mean2, var2 = _stats(mid)
-                    _update_running_stats(layer.norm2, mean2, var2, count)
+                    mean2, var2 = batch_mean_var(mid)
+                    update_running_stats(layer.norm2, mean2, var2, count)
                 else:
                     mean2, var2 = layer.norm2.running_mean, layer.norm2.running_var
                 y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.view(mid.shape[1]))
@@ -255,10 +230,7 @@ def _forward(layers, x: Tensor, params: list, save: bool):
             if layer.drop_rate > 0 and layer.training:
                 new, mask2 = _dropout(new, layer.drop_rate)
             record.append(mask2)
-            buffer[:, c:c + growth].copy_(new)
-            if means:
-                m, v = _stats(new)
-                means.append(m), variances.append(v)
+            block.write(new)
             del new
             c += growth
             if save:

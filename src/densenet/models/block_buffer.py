@@ -1,0 +1,72 @@
+"""The piece the concatenation-free and the memory-efficient dense blocks share: the block buffer.
+
+The plain block (models/densenet.py) concatenates the l earlier maps afresh for every layer l, and that
+layer's first BN computes the batch mean and variance of every channel again. Both faster blocks instead
+write each map once into one tensor (N, C_in + L*k, H, W), from which layer l reads the view
+``data[:, :C_in + l*k]``; and since a channel's batch statistics never change once it is written, they are
+computed once, when first asked for, and reused by every later layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class BlockBuffer:
+    """The maps of one dense block's forward pass in one tensor, with each channel's batch statistics."""
+
+    def __init__(self, x: Tensor, total_channels: int, dtype: torch.dtype | None = None) -> None:
+        # channels_last input: the buffer too, so that its slices keep the layout the convolutions were given.
+        self.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        n, _, h, w = x.shape
+        self.data = torch.empty((n, total_channels, h, w), dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+        self.sizes: list[int] = []  # channels of each map written so far
+        self._means: list[Tensor] = []
+        self._variances: list[Tensor] = []
+
+    @property
+    def channels(self) -> int:
+        return sum(self.sizes)
+
+    def write(self, t: Tensor) -> None:
+        """Write one map into the next channels."""
+        c = self.channels
+        self.data[:, c:c + t.shape[1]].copy_(t)
+        self.sizes.append(t.shape[1])
+
+    def append(self, maps: Sequence[Tensor]) -> None:
+        """Write the maps of ``maps`` not yet in the buffer (its last ones)."""
+        for t in maps[len(self.sizes):]:
+            self.write(t)
+
+    def batch_stats(self) -> tuple[Tensor, Tensor]:
+        """Per-channel batch mean and biased variance of every channel written, each channel's computed once."""
+        start = sum(self.sizes[:len(self._means)])
+        for size in self.sizes[len(self._means):]:
+            mean, var = batch_mean_var(self.data[:, start:start + size])
+            self._means.append(mean)
+            self._variances.append(var)
+            start += size
+        return torch.cat(self._means), torch.cat(self._variances)
+
+
+def batch_mean_var(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of (N, C, H, W), in float32 at least (BN's accumulation type)."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    var, mean = torch.var_mean(t.to(acc), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """What a training-mode nn.BatchNorm2d forward does to its running statistics, given the batch's."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    unbiased = var * (count / max(count - 1, 1))
+    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
