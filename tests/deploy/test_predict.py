@@ -133,3 +133,51 @@ def test_top_k_larger_than_the_classes_is_capped(run, tmp_path, capsys):
     record = json.loads(capsys.readouterr().out)
     assert len(record["predictions"]) == 10
     assert abs(sum(p["probability"] for p in record["predictions"]) - 1) < 1e-5
+
+
+def _digit_files(folder, n):
+    images, _ = digit_images(n)
+    paths = []
+    for i in range(n):
+        path = folder / f"digit{i}.png"
+        Image.fromarray(images[i, 0].numpy()).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _records(capsys):
+    captured = capsys.readouterr()
+    return [json.loads(line) for line in captured.out.strip().splitlines()], captured.err
+
+
+@pytest.mark.parametrize("engine", ["auto", "folded", "onnxruntime", "openvino"])
+def test_each_engine_predicts_what_eager_predicts(run, tmp_path, capsys, engine):
+    if engine in ("onnxruntime", "openvino"):
+        pytest.importorskip(engine)
+    folder, _, _ = run
+    paths = _digit_files(tmp_path, 5)
+    assert main(["predict", str(folder), *paths, "--json", "--top-k", "3", "--batch-size", "2", "--engine",
+                 "eager"]) == 0
+    eager, err = _records(capsys)
+    assert "engine eager" in err
+    assert main(["predict", str(folder), *paths, "--json", "--top-k", "3", "--batch-size", "2", "--engine",
+                 engine]) == 0
+    got, err = _records(capsys)
+    assert f"engine {engine}" in err or engine == "auto"
+    for mine, theirs in zip(got, eager, strict=True):
+        assert [p["index"] for p in mine["predictions"]] == [p["index"] for p in theirs["predictions"]]
+        np.testing.assert_allclose([p["probability"] for p in mine["predictions"]],
+                                   [p["probability"] for p in theirs["predictions"]], atol=1e-5)
+
+
+def test_the_default_engine_falls_back_and_says_which_ran(run, tmp_path, capsys, monkeypatch):
+    import sys
+
+    folder, _, _ = run
+    paths = _digit_files(tmp_path, 2)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if neither optional runtime were installed
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["predict", str(folder), *paths, "--json"]) == 0
+    records, err = _records(capsys)
+    assert len(records) == 2
+    assert "engine eager" in err and "openvino" in err and "ran eager" in err

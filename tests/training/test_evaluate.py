@@ -1,10 +1,12 @@
-"""``densenet evaluate`` on streamed folders: single centre crop and ten-crop, top-1 and top-5 as JSON."""
+"""``densenet evaluate`` on streamed folders: single centre crop and ten-crop, top-1 and top-5 as JSON; engines."""
 
 import json
 
+import pytest
 import torch
 
 from densenet.cli import main
+from densenet.errors import DenseNetError
 from densenet.models import DenseNet
 from densenet.models.weights import save_weights
 from densenet.training.evaluate import evaluate_weights
@@ -25,12 +27,13 @@ def test_single_and_ten_crop_on_a_folder(tmp_path, capsys):
     classes = ["a", "b", "c", "d", "e", "f"]
     formats.write_class_folders(tmp_path / "data" / "val", classes, 2, size=(48, 40), ext=".jpg")
     model, path = _tiny_imagenet_form(tmp_path, classes)
-    assert main(["evaluate", "--checkpoint", str(path), "--data-dir", str(tmp_path / "data"), "--json",
-                 "--workers", "0", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(path), "--data-dir", str(tmp_path / "data"), "--json",
+                 "--workers", "0", "--device", "cpu", "--engine", "eager"]) == 0
     single = json.loads(capsys.readouterr().out)
     assert single["n"] == 12 and single["dataset"] == "folder" and not single["ten_crop"]
     assert 0 <= single["top5_error"] <= single["top1_error"] <= 100
-    ten = evaluate_weights(str(path), data_dir=str(tmp_path / "data"), workers=0, device="cpu", ten_crop=True)
+    ten = evaluate_weights(str(path), data_dir=str(tmp_path / "data"), workers=0, device="cpu", ten_crop=True,
+                           engine="eager")
     assert ten["n"] == 12 and ten["ten_crop"]
 
     # the oracle: resize 37 (= 32 * 256 / 224), crops by torchvision, softmax averaged by hand
@@ -56,3 +59,34 @@ def test_class_count_mismatch_is_refused(tmp_path, capsys):
     _, path = _tiny_imagenet_form(tmp_path, ["a", "b"])
     assert main(["evaluate", "--checkpoint", str(path), "--data-dir", str(tmp_path / "data"), "--workers", "0"]) == 2
     assert "2 classes but folder has 3" in capsys.readouterr().err
+
+
+@pytest.fixture
+def _engine_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DENSENET_ENGINE_CACHE", str(tmp_path / "engine-cache"))
+
+
+@pytest.mark.usefixtures("_engine_cache")
+def test_every_installed_engine_gives_eager_s_errors_on_the_same_images(tmp_path, capsys):
+    from densenet.inference.engines import ENGINES
+
+    classes = ["a", "b", "c", "d"]
+    formats.write_class_folders(tmp_path / "data" / "val", classes, 3, size=(40, 40), ext=".jpg")
+    _, path = _tiny_imagenet_form(tmp_path, classes)
+    data = str(tmp_path / "data")
+    eager = evaluate_weights(str(path), data_dir=data, workers=0, device="cpu", batch_size=5, engine="eager")
+    assert eager["engine"] == "eager"
+    for engine in ["auto", *[e for e in ENGINES if e not in ("compile", "openvino-bf16") and not e.endswith("-int8")]]:
+        try:
+            got = evaluate_weights(str(path), data_dir=data, workers=0, device="cpu", batch_size=5, engine=engine)
+        except DenseNetError as exc:  # an optional package that is not installed
+            assert "pip install" in str(exc)
+            continue
+        assert got["engine"] == engine or engine == "auto"
+        assert (got["top1_error"], got["top5_error"], got["n"]) == (eager["top1_error"], eager["top5_error"], 12)
+        assert abs(got["loss"] - eager["loss"]) < 1e-4
+    # the weights as the first argument (like predict and export) or as --checkpoint; the engine is named
+    assert main(["evaluate", str(path), "--data-dir", data, "--workers", "0", "--engine", "folded"]) == 0
+    assert "(folded engine)" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(path), "--data-dir", data, "--workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 12

@@ -88,20 +88,9 @@ def export_model(model: nn.Module, metadata: dict[str, Any], fmt: str, out: str 
 
 
 def _onnx(model: nn.Module, example: Tensor, metadata: dict[str, Any]) -> bytes:
-    import onnx
+    from densenet.inference.onnx_export import onnx_bytes
 
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter: deprecated in favour of dynamo=True, which gives the same graph
-        # here but takes 10-20 s instead of under one on a small DenseNet.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=17, input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in _metadata_strings(metadata).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    return proto.SerializeToString()
+    return onnx_bytes(model, example, metadata)
 
 
 def _torchscript(model: nn.Module, example: Tensor, metadata: dict[str, Any]) -> bytes:
@@ -122,11 +111,6 @@ def _exported(model: nn.Module, example: Tensor, metadata: dict[str, Any]) -> by
 
 
 _WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "exported": _exported}
-
-
-def _metadata_strings(metadata: dict[str, Any]) -> dict[str, str]:
-    keys = ("model", "classes", "mean", "std", "input_size", "dataset", "config")
-    return {key: json.dumps(metadata[key]) for key in keys if key in metadata}
 
 
 def _check(fmt: str, path: str, inputs: list[Tensor], expected: list[Tensor]) -> float:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,9 @@ import torch
 from torch import Tensor
 
 from densenet.data.images import IMAGE_EXTENSIONS, load_image
+from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
-
-# Data sets whose evaluation resizes the whole image to the input size (densenet.data.datasets' in-memory ones).
-_PLAIN_RESIZE = {"digits", "cifar10", "cifar100", "svhn"}
+from densenet.inference.engines import CHOICES
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,8 @@ class Preprocess:
         if len(mean) != channels or len(std) != channels:
             raise DenseNetError(f"the weights' metadata has {len(mean)} mean values for a {channels}-channel model")
         dataset = str(metadata.get("dataset") or "")
-        crop = dataset not in _PLAIN_RESIZE and (dataset != "" or config.get("stem") == "imagenet")
+        record = DATASETS.get(dataset)  # how that data set's evaluation preprocesses; unknown: as image folders
+        crop = record.preprocess == "crop" if record else (dataset != "" or config.get("stem") == "imagenet")
         return cls(size, tuple(map(float, mean)), tuple(map(float, std)), channels == 1, crop)
 
     def __call__(self, path: str | Path) -> Tensor:
@@ -104,8 +104,15 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[str | Path], top_k: int = 5,
-            device: str | torch.device = "cpu", batch_size: int = 32) -> Iterator[Prediction]:
-    """Top-k predictions for each image file, in order, a batch at a time."""
+            device: str | torch.device = "cpu", batch_size: int = 32, engine: str = "auto",
+            say: Callable[[str], None] | None = None) -> Iterator[Prediction]:
+    """Top-k predictions for each image file, in order, a batch at a time, through an inference ``engine``.
+
+    The engine (``densenet.inference.engines``; ``auto``: the fastest installed) is built on the first batch;
+    ``say`` is told which one runs, and why when it is not the one asked for.
+    """
+    from densenet.inference.engines import build_engine
+
     preprocess = Preprocess.from_metadata(metadata)
     num_classes = int(metadata["config"]["num_classes"])
     if num_classes <= 0:
@@ -115,11 +122,17 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
         raise DenseNetError(f"the weights' metadata names {len(classes)} classes for a {num_classes}-class model")
     k = min(top_k, num_classes)
     model = model.to(device).eval()
+    forward = None
     for start in range(0, len(images), batch_size):
         paths = images[start:start + batch_size]
         batch = torch.stack([preprocess(p) for p in paths]).to(device)
-        with torch.inference_mode():
-            probabilities = torch.softmax(model(batch).float(), dim=1).cpu()
+        if forward is None:  # built on real images, once the first batch has decoded
+            # int8 is calibrated on the first batch of your images: there are no training images here
+            calibration = batch if engine.endswith("-int8") else None
+            forward = build_engine(model, engine, example=batch, device=device, calibration=calibration)
+            if say:
+                say(forward.describe() + (f"; {forward.note}" if forward.note else ""))
+        probabilities = torch.softmax(forward(batch).float(), dim=1).cpu()
         values, indices = probabilities.topk(k, dim=1)
         for path, vals, idxs in zip(paths, values.tolist(), indices.tolist(), strict=True):
             yield Prediction(str(path), [(i, classes[i], v) for i, v in zip(idxs, vals, strict=True)])
@@ -151,6 +164,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per image and line")
     parser.add_argument("--device", default="auto", help="auto (default: cuda when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--engine", choices=CHOICES, default="auto",
+                        help="how to run the network (default auto: the fastest installed, see `densenet bench "
+                             "inference`; eager: plain PyTorch)")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -163,7 +179,8 @@ def run_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     images = find_images(args.images)  # every path checked before the model is loaded
     model, metadata = load_weights(args.weights)
-    for prediction in predict(model, metadata, images, args.top_k, device, args.batch_size):
+    say = lambda line: print(f"densenet predict: {line}", file=sys.stderr)  # noqa: E731 - stdout stays the results
+    for prediction in predict(model, metadata, images, args.top_k, device, args.batch_size, args.engine, say):
         if args.json:
             print(json.dumps(prediction.as_json()))
         else:

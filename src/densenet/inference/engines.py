@@ -1,107 +1,251 @@
-"""Ways to run a trained DenseNet forward on a CPU, each a callable ``images (N,C,H,W) float -> logits``.
+"""Ways to run a trained DenseNet forward, each an ``Engine``: ``images (N,C,H,W) float -> logits``.
 
-- ``eager``: the model as it is, in eval mode;
+- ``eager``: the model as it is, in eval mode (always there);
 - ``folded``: eager with the foldable BNs merged into convolutions (see ``densenet.inference.fold``);
-- ``compile``: the folded model through ``torch.compile`` (inductor, weights frozen);
-- ``onnxruntime``: the folded model exported to ONNX, run by ONNX Runtime (which fuses BN-ReLU itself);
-- ``onnxruntime-int8``: that ONNX graph with static post-training int8 quantisation (QDQ, per-channel weights),
-  calibrated on images you give (``calibration``); random images if none (fine for speed, not accuracy).
+- ``compile``: the folded model through ``torch.compile`` (inductor, weights frozen and prepacked), for one
+  batch size (smaller batches are padded, larger ones split);
+- ``onnxruntime``, ``openvino``: the folded model exported to ONNX (``densenet.inference.onnx_export``) and run
+  by ONNX Runtime or OpenVINO in fp32 (optional packages: ``pip install 'densenet-paper[onnx]'`` or
+  ``'densenet-paper[openvino]'``);
+- ``openvino-bf16``: OpenVINO computing in bfloat16 (native on CPUs with AVX-512 BF16 or AMX, emulated and
+  slow elsewhere): reduced precision, like int8;
+- ``onnxruntime-int8``, ``openvino-int8``: that graph quantised to int8, calibrated on the images you give
+  (``calibration``; random images if none: fine for speed, not for accuracy);
+- ``auto``: the fastest fp32 engine that is installed (``AUTO_ORDER``, measured in docs/benchmarks.md), checked
+  against eager on two example images; ``Engine.note`` says why another one ran when the first could not.
 
-    engine = build_engine(model, "onnxruntime-int8", example=images[:64], calibration=train_images[:512])
+    engine = build_engine(model, "auto", example=images[:64])
     logits = engine(images)
+    print(engine.name, engine.build_seconds, engine.from_cache)
+
+Built files (ONNX graphs, int8 models, OpenVINO's compiled blobs) are kept under ``engine_cache_dir()``, one
+folder per engine, weights, input shape, calibration and runtime version, so that the next process loads them
+instead of building; inductor keeps its compiled kernels in its own on-disk cache. ``cache=False`` builds in a
+temporary folder that is gone when ``build_engine`` returns.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import tempfile
-import warnings
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from densenet.errors import ConfigError
 from densenet.inference.fold import fold_batchnorm
-from densenet.models.densenet import DenseNet
 
-ENGINES = ("eager", "folded", "compile", "onnxruntime", "onnxruntime-int8")
-
-
-def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
-    """The model as an ONNX file with a dynamic batch axis (TorchScript exporter: quick and dependable)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
-        torch.onnx.export(model.eval(), (example[:1].contiguous(),), str(path), dynamo=False, opset_version=17,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    return path
+ENGINES = ("eager", "folded", "compile", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
+           "openvino-int8")
+CHOICES = ("auto", *ENGINES)
+# What ``auto`` tries on a CPU, fastest first (docs/benchmarks.md, "Inference engines"); eager is always there.
+AUTO_ORDER = ("openvino", "onnxruntime", "eager")
+# An auto engine whose logits stray further than this from eager's on the example is not used.
+AUTO_TOLERANCE = 1e-3
+_PACKAGE = {"onnxruntime": "onnxruntime", "onnxruntime-int8": "onnxruntime", "openvino": "openvino",
+            "openvino-bf16": "openvino", "openvino-int8": "openvino"}
+_EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
 
 
-class _Calibration:
-    """onnxruntime's CalibrationDataReader protocol over a tensor of images, in batches."""
+@dataclass
+class Engine:
+    """A built engine: call it on a float batch for the logits (no autograd)."""
 
-    def __init__(self, images: Tensor, batch_size: int = 32) -> None:
-        self.batches = iter([{"images": b.contiguous().numpy()} for b in images.split(batch_size)])
+    name: str
+    run: Callable[[Tensor], Tensor]
+    build_seconds: float  # export, quantisation, compilation: everything before the first batch could run
+    from_cache: bool = False  # built from files an earlier process left in the cache
+    note: str = ""  # why this engine runs rather than the one asked for (``auto``)
 
-    def get_next(self) -> dict | None:
-        return next(self.batches, None)
+    def __call__(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.run(images)
+
+    def describe(self) -> str:
+        cached = ", from the cache" if self.from_cache else ""
+        return f"engine {self.name} (built in {self.build_seconds:.1f} s{cached})"
 
 
-def _ort_session(path: Path, threads: int | None):
-    import onnxruntime as ort
+def engine_cache_dir() -> Path:
+    """Where built engines are kept: $DENSENET_ENGINE_CACHE, else ~/.cache/densenet/engines."""
+    path = os.environ.get("DENSENET_ENGINE_CACHE")
+    if path:
+        return Path(path)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "densenet" / "engines"
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+def build_engine(model: nn.Module, engine: str, example: Tensor, device: torch.device | str = "cpu",
+                 channels_last: bool = False, calibration: Tensor | None = None, threads: int | None = None,
+                 cache: bool = True) -> Engine:
+    """``model`` (eval mode) running through ``engine`` (one of ``CHOICES``); see the module docstring.
+
+    ``example`` is a batch of the size and shape to expect: ``compile`` is built for its batch size.
+    """
+    device = torch.device(device)
+    if engine == "auto":
+        return _auto(model, example, device, channels_last, threads, cache)
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown inference engine {engine!r}; choose one of {', '.join(CHOICES)}")
+    threads = threads or torch.get_num_threads()
+    start = time.perf_counter()
+    if engine in ("eager", "folded", "compile"):
+        net = model.to(device).eval() if engine == "eager" else fold_batchnorm(model).to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if engine != "compile":
+            return Engine(engine, net, time.perf_counter() - start)
+        run = _compiled(net, example.to(device))
+        return Engine(engine, run, time.perf_counter() - start)
+    if device.type != "cpu":
+        raise ConfigError(f"--engine {engine} runs on the CPU only; use --device cpu or --engine eager/compile")
+    _require(engine)
+    net = fold_batchnorm(model).cpu()
+    if getattr(net, "memory_efficient", False):
+        net.memory_efficient = False  # the standard graph: same results, nothing custom to export
+    run, from_cache = _onnx_engine(net, engine, example.cpu(), calibration, threads, cache)
+    with torch.no_grad():
+        run(example.cpu())  # OpenVINO compiles for the batch size on first use: part of the build
+    return Engine(engine, run, time.perf_counter() - start, from_cache)
+
+
+def missing_package(engine: str) -> str | None:
+    """The package ``engine`` needs that is not installed, with the command that installs it; None if none."""
+    from importlib.util import find_spec
+
+    packages = [_PACKAGE[engine]] + (["nncf"] if engine == "openvino-int8" else []) if engine in _PACKAGE else []
+    for package in packages:
+        try:
+            found = find_spec(package) is not None
+        except ValueError:  # a module set to None in sys.modules (how tests hide a package)
+            found = False
+        if not found:
+            return f"{package} (pip install 'densenet-paper[{_EXTRA[engine.split('-')[0]]}]')"
+    return None
+
+
+def _require(engine: str) -> None:
+    missing = missing_package(engine)
+    if missing:
+        raise ConfigError(f"--engine {engine} needs {missing}")
+
+
+def _auto(model: nn.Module, example: Tensor, device: torch.device, channels_last: bool, threads: int | None,
+          cache: bool) -> Engine:
+    """The first engine of ``AUTO_ORDER`` that is installed, builds and agrees with eager on the example."""
+    order = AUTO_ORDER if device.type == "cpu" else ("eager",)
+    skipped: list[str] = []
+    probe = example[:2].to(device)
+    with torch.no_grad():
+        expected = model.to(device).eval()(probe).float().cpu()
+    for name in order:
+        if name == "eager":
+            break
+        missing = missing_package(name)
+        if missing:
+            skipped.append(f"{name} is not installed: {missing}")
+            continue
+        try:
+            engine = build_engine(model, name, example, device, channels_last, threads=threads, cache=cache)
+            worst = float((engine(probe).float().cpu() - expected).abs().max())
+        except Exception as exc:  # noqa: BLE001 - a runtime that cannot build this graph: the next one will do
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            skipped.append(f"{name} failed ({first})")
+            continue
+        if worst <= AUTO_TOLERANCE * max(1.0, float(expected.abs().max())):
+            engine.note = f"{'; '.join(skipped)}; ran {name}" if skipped else ""
+            return engine
+        skipped.append(f"{name} strayed {worst:.1e} from eager")
+    engine = build_engine(model, "eager", example, device, channels_last, threads=threads, cache=cache)
+    engine.note = f"{'; '.join(skipped)}; ran eager" if skipped else ""
+    return engine
+
+
+def _compiled(net: nn.Module, example: Tensor) -> Callable[[Tensor], Tensor]:
+    """``net`` compiled by inductor for ``example``'s batch size, compiled now (the build time is compile time)."""
+    # freezing turns the weights into constants that inductor folds and prepacks for oneDNN; given as this
+    # compilation's option, it changes nothing for other compilations in the process.
+    compiled = torch.compile(net, dynamic=False, options={"freezing": True})
+    size = example.shape[0]
+    with torch.no_grad():
+        compiled(example)
 
     def run(images: Tensor) -> Tensor:
-        array = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        return torch.from_numpy(session.run(None, {"images": array})[0])
+        if images.shape[0] == size:
+            return compiled(images)
+        parts = []
+        for chunk in images.split(size):  # one graph: pad the short batch rather than compile a second one
+            n = chunk.shape[0]
+            if n < size:
+                chunk = torch.cat([chunk, chunk.new_zeros(size - n, *chunk.shape[1:])])
+            parts.append(compiled(chunk)[:n])
+        return torch.cat(parts)
     return run
 
 
-def quantize_onnx(source: Path, target: Path, calibration: Tensor) -> Path:
-    """Static int8 quantisation (QDQ, per-channel int8 weights, uint8 activations) calibrated on images."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def _onnx_engine(net: nn.Module, engine: str, example: Tensor, calibration: Tensor | None, threads: int,
+                 cache: bool) -> tuple[Callable[[Tensor], Tensor], bool]:
+    """The runner of an ONNX-based engine, built in (or loaded from) its cache folder; (runner, from cache)."""
+    from densenet.inference import runtimes
+    from densenet.inference.onnx_export import onnx_bytes
 
-    prepared = target.with_suffix(".pre.onnx")
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(target), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "Gemm"])
-    return target
+    int8 = engine.endswith("-int8")
+    if int8 and calibration is None:
+        calibration = torch.randn(64, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    target = {"onnxruntime": "model.onnx", "openvino": "model.onnx", "openvino-bf16": "model.onnx",
+              "onnxruntime-int8": "model.int8.onnx", "openvino-int8": "model.int8.xml"}[engine]
+    folder = engine_cache_dir() / f"{engine}-{_cache_key(net, engine, example, calibration if int8 else None)}"
+    from_cache = cache and (folder / target).is_file()
+    work = None
+    if not from_cache:
+        root = folder.parent if cache else None
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{engine}-", dir=root))
+        try:
+            (work / "model.onnx").write_bytes(onnx_bytes(net, example[:1]))
+            if engine == "onnxruntime-int8":
+                runtimes.quantize_onnxruntime(work / "model.onnx", work / target, calibration)
+            elif engine == "openvino-int8":
+                runtimes.quantize_openvino(work / "model.onnx", work / target, calibration)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        if cache:
+            try:
+                work.rename(folder)  # complete or absent: a folder is only ever seen whole
+            except OSError:  # another process put it there first
+                shutil.rmtree(work, ignore_errors=True)
+            work = None
+    where = folder if work is None else work
+    try:
+        if engine.startswith("onnxruntime"):
+            return runtimes.onnxruntime_runner(where / target, threads), from_cache
+        blobs = where / "compiled" if cache else None  # OpenVINO's compiled model, for the next process
+        precision = "bf16" if engine == "openvino-bf16" else "f32"
+        return runtimes.openvino_runner(where / target, threads, blobs, precision), from_cache
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)  # the runtimes hold the model in memory
 
 
-def build_engine(model: DenseNet, engine: str, example: Tensor, device: torch.device | str = "cpu",
-                 channels_last: bool = False, calibration: Tensor | None = None,
-                 threads: int | None = None) -> Callable[[Tensor], Tensor]:
-    """A callable running ``model`` forward (eval mode) through ``engine``; see the module docstring."""
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown inference engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    device = torch.device(device)
-    if engine == "eager":
-        net = model.to(device).eval()
-    else:
-        net = fold_batchnorm(model).to(device)
-    if engine in ("eager", "folded", "compile"):
-        if channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        if engine == "compile":
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True  # weights become constants: inductor folds and prepacks them
-            net = torch.compile(net)
-        return net
-    if device.type != "cpu":
-        raise ConfigError(f"--engine {engine} runs on the CPU only; use --device cpu or --engine eager/compile")
-    workdir = Path(tempfile.mkdtemp(prefix="densenet-onnx-"))
-    path = export_onnx(net.cpu(), example.cpu(), workdir / "model.onnx")
-    if engine == "onnxruntime-int8":
-        if calibration is None:
-            calibration = torch.randn(64, *example.shape[1:])
-        path = quantize_onnx(path, workdir / "model.int8.onnx", calibration.cpu())
-    return _ort_session(path, threads)
+def _cache_key(net: nn.Module, engine: str, example: Tensor, calibration: Tensor | None) -> str:
+    """16 hex digits naming everything the built files depend on."""
+    digest = hashlib.sha256()
+    package = _PACKAGE[engine]
+    try:
+        runtime = version(package)
+    except PackageNotFoundError:
+        runtime = "?"
+    digest.update(f"{engine} {tuple(example.shape[1:])} torch {torch.__version__} {package} {runtime}".encode())
+    tensors = list(net.state_dict().items()) + ([("calibration", calibration)] if calibration is not None else [])
+    for name, tensor in tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,12 +1,15 @@
 """``densenet evaluate``: top-1 and top-5 error of trained weights on a data set's test split.
 
-    densenet evaluate --checkpoint runs/digits-densenet_bc40_k12-20260101-120000
-    densenet evaluate --checkpoint model.safetensors --dataset imagenet --data-dir /imagenet --ten-crop --json
+    densenet evaluate runs/digits-densenet_bc40_k12-20260101-120000
+    densenet evaluate model.safetensors --dataset imagenet --data-dir /imagenet --ten-crop --json
     densenet evaluate densenet121 --dataset imagenet --data-dir /imagenet     # torchvision's ImageNet weights
 
 The data set, class names and normalisation come from the weights' metadata unless given; ImageNet and
 folders are evaluated on a single centre crop (resize 256, crop 224) or, with --ten-crop, on the four
-corners, centre and their mirror images, averaging the ten softmax outputs.
+corners, centre and their mirror images, averaging the ten softmax outputs. The network runs through the
+fastest installed inference engine (``--engine auto``, see ``densenet.inference.engines``; it is named in
+the output), or the one ``--engine`` names; ``--engine eager`` is plain PyTorch. ``--amp bf16`` and a GPU run
+eager PyTorch under ``auto``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import sys
 
 import torch
 
-from densenet.data.datasets import DATASETS, load_data
+from densenet.data.datasets import load_data
+from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
+from densenet.inference.engines import CHOICES
 from densenet.training.distributed import Dist
 from densenet.training.engine import Batches, evaluate
 
@@ -40,6 +45,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tta", choices=["none", "flip"], default="none", help="flip: average the softmax of each image and its "
         "mirror image (as densenet train --tta flip evaluates)")
     add("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (default none: fp32)")
+    add("--engine", choices=CHOICES, default="auto", help="how to run the network (default auto: the fastest "
+        "installed, see `densenet bench inference`; eager: plain PyTorch)")
     add("--json", action="store_true", help="print one JSON object: top1_error, top5_error (percent), n, ...")
 
 
@@ -48,13 +55,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise DenseNetError("give the weights to evaluate once: densenet evaluate RUN_DIR_OR_WEIGHTS (or --checkpoint)")
     result = evaluate_weights(args.weights or args.checkpoint, args.dataset, args.data_dir, batch_size=args.batch_size,
                               workers=args.workers, device=args.device, ten_crop=args.ten_crop, tta=args.tta,
-                              amp=args.amp)
+                              amp=args.amp, engine=args.engine)
+    if result["engine_note"] and not args.json:
+        print(f"densenet evaluate: {result['engine_note']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, allow_nan=False))  # valid JSON: a diverged model's errors are null
     elif not result["diverged"]:
         crop = " (ten-crop)" if result["ten_crop"] else " (image and mirror averaged)" if args.tta == "flip" else ""
         print(f"{result['model']} on {result['dataset']} test ({result['n']} images){crop}: "
-              f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%")
+              f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
+              f"({result['engine']} engine)")
     if result["diverged"]:
         print(f"densenet evaluate: error: the weights diverged: the loss on {result['dataset']} is not finite "
               f"(NaN or infinite outputs), so there is no error rate; evaluate an earlier checkpoint",
@@ -65,7 +75,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, *,
                      batch_size: int = 128, workers: int = 4, device: str = "auto", ten_crop: bool = False,
-                     tta: str = "none", amp: str = "none") -> dict:
+                     tta: str = "none", amp: str = "none", engine: str = "auto") -> dict:
+    """Top-1/top-5 error, loss and count of the weights on the test split, and the inference engine that ran."""
+    from densenet.inference.engines import build_engine
     from densenet.models.weights import load_weights
 
     if batch_size <= 0:
@@ -77,7 +89,7 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise DenseNetError(f"{checkpoint} does not say which data set it was trained on; pass --dataset")
-    if ten_crop and DATASETS.get(dataset, (None, None, True))[2]:
+    if ten_crop and dataset in DATASETS and DATASETS[dataset].in_memory:
         raise DenseNetError(f"--ten-crop is for imagenet and folder data sets, not {dataset} (32x32 images)")
     data = load_data(dataset, data_dir, train=False, ten_crop=ten_crop, input_size=meta.get("input_size"))
     classes = meta.get("classes")
@@ -88,12 +100,35 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
                             f"{data.num_classes} classes")
     if meta.get("mean") and data.in_memory:  # normalise as in training
         data = dataclasses.replace(data, mean=list(meta["mean"]), std=list(meta["std"]))
+    if amp != "none" and engine not in ("auto", "eager", "compile"):
+        raise DenseNetError(f"--amp {amp} is autocast, which only eager PyTorch and compile apply; "
+                            f"drop --engine {engine} or --amp")
     batches = Batches(data, data.test, batch_size, Dist(), dev, train=False, workers=workers)
-    stats = evaluate(model.to(dev), batches, dev, Dist(), amp, tta=tta)
+    example = torch.zeros(batch_size, data.in_chans, data.input_size, data.input_size, device=dev)
+    model = model.to(dev).eval()
+    calibration = _calibration(dataset, data_dir, meta) if engine.endswith("-int8") else None
+    forward = build_engine(model, "eager" if amp != "none" and engine == "auto" else engine, example, dev,
+                           calibration=calibration)
+    stats = evaluate(model, batches, dev, Dist(), amp, forward=forward, tta=tta)
     # Non-finite outputs (diverged weights) make the loss NaN and the error rates meaningless: null, not NaN.
     diverged = not math.isfinite(stats.loss)
     return {"model": meta.get("model"), "dataset": dataset,
             "top1_error": None if diverged else round(stats.error, 4),
             "top5_error": None if diverged else round(stats.top5_error, 4), "n": stats.n,
             "loss": None if diverged else round(stats.loss, 6), "ten_crop": ten_crop, "tta": tta, "amp": amp,
-            "diverged": diverged}
+            "diverged": diverged, "engine": forward.name, "engine_build_seconds": round(forward.build_seconds, 3),
+            "engine_note": forward.note}
+
+
+def _calibration(dataset: str, data_dir: str | None, meta: dict, count: int = 512) -> torch.Tensor:
+    """``count`` seeded training images, normalised as for evaluation: what an int8 engine is calibrated on."""
+    from densenet.data.augment import normalize
+
+    try:
+        data = load_data(dataset, data_dir, train=True, input_size=meta.get("input_size"))
+    except DenseNetError as exc:
+        raise DenseNetError(f"an int8 engine is calibrated on training images, and there are none: {exc}") from exc
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(1))[:count]
+    if hasattr(data.train, "images"):  # in memory: uint8, normalised as in training
+        return normalize(data.train.images[pick], meta.get("mean") or data.mean, meta.get("std") or data.std)
+    return torch.stack([data.train[i][0] for i in pick.tolist()])
