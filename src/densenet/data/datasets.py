@@ -28,8 +28,7 @@ import torch
 
 from densenet.data import folders
 from densenet.data.augment import channel_stats
-from densenet.data.registry import DATASETS as RECORDS
-from densenet.data.registry import IMAGENET_MEAN, IMAGENET_STD, Augment, dataset_record
+from densenet.data.registry import DATASETS, IMAGENET_MEAN, IMAGENET_STD, Augment, dataset_record
 from densenet.errors import DenseNetError
 
 
@@ -63,15 +62,6 @@ class Data:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-# name -> (default augmentation, default input size, in memory), read from the records: for
-# training/evaluate.py, until it reads densenet.data.registry itself.
-DATASETS: dict[str, tuple[Augment, int, bool]] = {n: (r.augment, r.input_size, r.in_memory) for n, r in RECORDS.items()}
-
-
-def check_dataset(name: str) -> str:
-    return dataset_record(name).name
 
 
 def default_data_dir(name: str) -> Path:
@@ -233,7 +223,7 @@ def _svhn(root: Path, download: bool, train: bool, seed: int) -> Data:
             held.append((x[hold], y[hold]))
         train_split = _split(np.concatenate([k[0] for k in keep]), np.concatenate([k[1] for k in keep]))
         val = _split(np.concatenate([h[0] for h in held]), np.concatenate([h[1] for h in held]))
-    record = RECORDS["svhn"]  # the paper divides the pixels by 255 and does nothing else: mean 0, std 1
+    record = DATASETS["svhn"]  # the paper divides the pixels by 255 and does nothing else: mean 0, std 1
     return Data("svhn", [str(d) for d in range(10)], 3, 32, list(record.mean), list(record.std), train_split,
                 _split(*parts["test"]), val=val)
 
