@@ -58,17 +58,23 @@ def measure(engines: dict[str, Engine], images: Tensor, labels: Tensor, batch_si
             latency[name].append(time.perf_counter() - start)
     eager = torch.cat(top[EAGER])
     reference = TORCHVISION if TORCHVISION in engines else EAGER
-    base = statistics.median(seconds[reference][1:] or seconds[reference])  # the first batch warms up
+    sizes = [len(batch) for batch in images.split(batch_size)]
+
+    def per_image(name: str) -> float:  # median seconds per image over the batches; the first one warms up
+        rates = [t / n for t, n in zip(seconds[name], sizes, strict=True)]
+        return statistics.median(rates[1:] or rates)
+
+    base = per_image(reference)
     base_latency = statistics.median(latency[reference][1:]) if latency.get(reference, [])[1:] else None
     rows = []
     for name, engine in engines.items():
         logits = torch.cat(top[name])
-        per_batch = statistics.median(seconds[name][1:] or seconds[name])
+        seconds_per_image = per_image(name)
         row = dict(engine=name, top1=100.0 * float((logits.argmax(1) == labels).float().mean()),
                    agrees_with_eager=100.0 * float((logits.argmax(1) == eager.argmax(1)).float().mean()),
                    max_logit_difference=float((logits - eager).abs().max()),
                    build_seconds=engine.build_seconds, from_cache=engine.from_cache,
-                   images_per_s=batch_size / per_batch, speedup=base / per_batch)
+                   images_per_s=1 / seconds_per_image, speedup=base / seconds_per_image)
         if latency.get(name, [])[1:]:
             row["latency_ms"] = 1000 * statistics.median(latency[name][1:])
             row["latency_build_seconds"] = latency_engines[name].build_seconds
