@@ -7,6 +7,7 @@ Each ``*_runner(path, threads)`` loads a model file and returns ``images (N,C,H,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,6 +66,14 @@ def quantize_onnxruntime(source: Path, target: Path, calibration: Tensor) -> Pat
 
 # --- OpenVINO -----------------------------------------------------------------------------------------------
 
+@functools.cache
+def _openvino_core():
+    """One OpenVINO runtime per process: each Core keeps its own CPU plugin and thread pools."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 def openvino_runner(path: Path, threads: int, cache_dir: Path | None = None, precision: str = "f32") -> Runner:
     """An OpenVINO CPU model (an ONNX file or IR .xml) compiled for the lowest latency of one request.
 
@@ -72,12 +81,10 @@ def openvino_runner(path: Path, threads: int, cache_dir: Path | None = None, pre
     (BC-40 k=12, batch 64). The precision is asked for explicitly: on CPUs with native bf16 OpenVINO would
     otherwise compute in bf16. ``cache_dir`` keeps the compiled blobs, so that the next process skips compiling.
     """
-    import openvino as ov
-
-    core = ov.Core()
-    if cache_dir is not None:
-        core.set_property({"CACHE_DIR": str(cache_dir)})
+    core = _openvino_core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
     source = core.read_model(str(path))  # now: the file may be a temporary one
     requests: dict[tuple[int, ...], tuple] = {}
 
@@ -96,14 +103,34 @@ def openvino_runner(path: Path, threads: int, cache_dir: Path | None = None, pre
     return run
 
 
-def quantize_openvino(source: Path, target: Path, calibration: Tensor) -> Path:
-    """int8 by NNCF's post-training quantisation (per-channel weights, calibrated activations), saved as IR."""
-    import nncf
-    import openvino as ov
+_NNCF_SCRIPT = """
+import sys
+import nncf, numpy as np, openvino as ov
+source, target, samples = sys.argv[1:4]
+images = np.load(samples)
+model = ov.Core().read_model(source)
+quantized = nncf.quantize(model, nncf.Dataset([images[i:i + 1] for i in range(len(images))]),
+                          subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE)
+ov.save_model(quantized, target, compress_to_fp16=False)
+"""
 
-    model = ov.Core().read_model(str(source))
-    samples = [_array(b) for b in calibration.split(1)]
-    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples),
-                              preset=nncf.QuantizationPreset.PERFORMANCE)
-    ov.save_model(quantized, str(target), compress_to_fp16=False)
+
+def quantize_openvino(source: Path, target: Path, calibration: Tensor) -> Path:
+    """int8 by NNCF's post-training quantisation (per-channel weights, calibrated activations), saved as IR.
+
+    NNCF runs in a child process: loaded into this one, it left the process to die of a segmentation fault at
+    a later fork (a test suite's subprocess.run, 2026-11-29).
+    """
+    import subprocess
+    import sys
+
+    samples = target.with_name("calibration.npy")
+    np.save(samples, _array(calibration))
+    try:
+        done = subprocess.run([sys.executable, "-c", _NNCF_SCRIPT, str(source), str(target), str(samples)],
+                              capture_output=True, text=True)
+    finally:
+        samples.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"NNCF quantisation failed: {done.stderr.strip()[-1500:]}")
     return target
