@@ -32,6 +32,7 @@ from torch import Tensor
 
 from densenet.data.images import IMAGE_EXTENSIONS, load_image
 from densenet.data.registry import DATASETS
+from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
 from densenet.inference.engines import CHOICES
 
@@ -136,23 +137,6 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
         values, indices = probabilities.topk(k, dim=1)
         for path, vals, idxs in zip(paths, values.tolist(), indices.tolist(), strict=True):
             yield Prediction(str(path), [(i, classes[i], v) for i, v in zip(idxs, vals, strict=True)])
-
-
-def resolve_device(name: str) -> torch.device:
-    """cpu, cuda, cuda:N, mps or auto (cuda when there is one) -> a device that exists here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise DenseNetError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DenseNetError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DenseNetError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DenseNetError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    return device
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from densenet.data.datasets import load_data
 from densenet.data.registry import DATASETS
+from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
 from densenet.inference.engines import CHOICES
 from densenet.training.distributed import Dist
@@ -82,9 +83,7 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
 
     if batch_size <= 0:
         raise DenseNetError(f"--batch-size must be a positive integer, not {batch_size}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DenseNetError("--device cuda but CUDA is not available here; use --device cpu or auto")
-    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     model, meta = load_weights(checkpoint)
     dataset = dataset or meta.get("dataset")
     if not dataset:
