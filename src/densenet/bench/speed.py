@@ -36,6 +36,7 @@ from densenet.inference.engines import ENGINES, build_engine
 from densenet.models.compat import torchvision_reference
 from densenet.models.densenet import DenseNet
 from densenet.models.registry import create_model
+from densenet.training import fast
 
 
 @dataclass
@@ -120,21 +121,6 @@ def _interleaved(calls: dict[str, Callable[[], object]], device: torch.device, w
     return samples
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                precision: str, forward: Callable | None = None) -> Callable[[], None]:
-    forward = forward or model
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=True)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            loss = loss_fn(forward(x), y)
-        loss.backward()
-        optimizer.step()
-    return step
-
-
 def _forward(model: Callable, x: torch.Tensor, device: torch.device, precision: str) -> Callable[[], object]:
     def call() -> object:
         with torch.no_grad(), autocast(device, precision):
@@ -184,7 +170,6 @@ PATHS = ("ours default", "ours eager NCHW", "ours eager channels_last", "torchvi
 def run_paths(args: argparse.Namespace, ours: DenseNet, reference: nn.Module, size: int, macs: float,
               device: torch.device, batch: int, peak: float) -> dict:
     """One training step of each of PATHS, interleaved in one process; images/s and the two ratios."""
-    from densenet.training import fast
     from densenet.training.options import TrainOptions
 
     runtime = fast.plan(TrainOptions(dataset="cifar10", amp="bf16" if args.precision == "bf16" else "none"),
@@ -205,7 +190,7 @@ def run_paths(args: argparse.Namespace, ours: DenseNet, reference: nn.Module, si
             net = net.to(memory_format=torch.channels_last)
         forward = fast.StaticBatchModule(net, {batch}) if compiled else net
         x = _input(batch, ours, size, device, channels_last)
-        calls[name] = _train_step(net, x, y, device, args.precision, forward=forward)
+        calls[name] = fast.sgd_step(net, x, y, device, args.precision, forward=forward)
         settings[name] = dict(channels_last=channels_last, compiled=compiled)
     start = time.perf_counter()
     for call in calls.values():  # compile (or warm up) each before timing
@@ -249,7 +234,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             calls = {}
             for name, net in (("ours", ours), ("torchvision", reference)):
                 net = _prepare(net, device, args.channels_last, args.compile).train()
-                calls[name] = _train_step(net, x, y, device, args.precision)
+                calls[name] = fast.sgd_step(net, x, y, device, args.precision)
             flops = 3 * 2 * macs * batch
         else:
             engine = build_engine(ours, args.engine, example=x, device=device, channels_last=args.channels_last)

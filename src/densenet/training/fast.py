@@ -86,6 +86,24 @@ def plan(options, device: torch.device, total_steps: int, distributed: bool = Fa
                    device=str(device), amp=amp, reason=reason, timed=timed)
 
 
+def sgd_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: str,
+             forward: Callable | None = None) -> Callable[[], None]:
+    """One Nesterov-SGD training step on a fixed batch, as a call: what time_paths and ``densenet bench speed``
+    time (``forward``, default ``model``, computes the logits, e.g. a compiled module)."""
+    from densenet.devices import autocast
+
+    forward = forward or model
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 # (name, compile, channels_last): the paths time_paths compares, the usual winner first.
 PATHS = (("compiled channels_last", True, True), ("eager channels_last", False, True), ("eager NCHW", False, False))
 
@@ -98,8 +116,6 @@ def time_paths(model: torch.nn.Module, runtime: Runtime, input_shape: tuple[int,
     state is restored), so a timed run gives the same numbers as one told its path. Costs about one compile
     (cached on disk and reused by the run) plus 3 x (2 + ``steps``) training steps.
     """
-    from densenet.devices import autocast
-
     device = torch.device(runtime.device)
     rng = torch.get_rng_state()
     generator = torch.Generator().manual_seed(0)
@@ -112,16 +128,8 @@ def time_paths(model: torch.nn.Module, runtime: Runtime, input_shape: tuple[int,
             layout = torch.channels_last if channels_last else torch.contiguous_format
             net = net.to(memory_format=layout)
             inputs = x.contiguous(memory_format=layout)
-            optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
             forward = StaticBatchModule(net, {batch_size}, say=say) if compile_ else net
-
-            def step() -> None:
-                with autocast(device, runtime.amp):
-                    loss = torch.nn.functional.cross_entropy(forward(inputs).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
+            step = sgd_step(net, inputs, y, device, runtime.amp, forward=forward)
             step(), step()  # warm-up: compiling, allocator, caches
             if compile_ and forward.compiled is None:  # the compiler failed (said once): not a candidate
                 continue
