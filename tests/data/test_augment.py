@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from densenet.data.augment import channel_stats, normalize, pad_crop_flip
@@ -37,3 +38,22 @@ def test_zero_crop_padding_only_flips():
     same = (out == images).flatten(1).all(1)
     mirrored = (out == images.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and bool(mirrored.any()) and bool(same.any())
+
+
+def test_small_crops_are_windows_of_the_padded_image_at_the_same_scale():
+    x = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    out = pad_crop_flip(x, torch.Generator().manual_seed(1), padding=1, size=5)
+    assert out.shape == (32, 3, 5, 5) and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    corners = set()
+    for i in range(32):
+        found = [(r, c) for r in range(6) for c in range(6)
+                 if torch.equal(out[i], padded[i, :, r:r + 5, c:c + 5])
+                 or torch.equal(out[i], padded[i, :, r:r + 5, c:c + 5].flip(-1))]
+        assert found
+        corners.update(found)
+    assert len(corners) > 10  # the window moves over all of the padded image
+    assert torch.equal(pad_crop_flip(x, torch.Generator().manual_seed(0), padding=1),
+                       pad_crop_flip(x, torch.Generator().manual_seed(0), padding=1, size=8))  # full size: as before
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_crop_flip(x, torch.Generator(), size=9)

@@ -121,6 +121,8 @@ def test_weight_decay_on_weights_only_spares_bn_and_biases():
     ("tta", "ten", "--tta"), ("compile", "yes", "--compile"), ("weight_decay_on", "bn", "--weight-decay-on"),
     ("weight_decay", "lots", "--weight-decay must be a number"), ("eval_every", 0, "--eval-every"),
     ("crop_padding", -1, "--crop-padding"), ("crop_padding", 1.5, "--crop-padding"),
+    ("small_crop", 0, "--small-crop"), ("small_crop_epochs", 2, "--small-crop-epochs needs --small-crop"),
+    ("small_crop_epochs", -1, "--small-crop-epochs"),
 ])
 def test_bad_recipe_options_are_config_errors(field, value, words):
     with pytest.raises(ConfigError, match=words):
@@ -217,10 +219,41 @@ def test_crop_padding_reaches_the_augmentation(monkeypatch, tmp_path):
 
     seen = []
     real = engine.pad_crop_flip
-    monkeypatch.setattr(engine, "pad_crop_flip", lambda x, g, padding=4: seen.append(padding) or real(x, g, padding))
+    monkeypatch.setattr(engine, "pad_crop_flip",
+                        lambda x, g, padding=4, size=None: seen.append(padding) or real(x, g, padding, size))
     assert main(["train", *TINY, "--epochs", "1", "--crop-padding", "2", "--augment", "standard", "--eager",
                  "--out", str(tmp_path / "run")]) == 0
     assert seen and set(seen) == {2}
+
+
+def test_small_crops_train_the_first_epochs_and_full_size_the_rest(monkeypatch, tmp_path):
+    from densenet.training import engine
+
+    sizes, shapes = [], []
+    real = engine.pad_crop_flip
+    monkeypatch.setattr(engine, "pad_crop_flip",
+                        lambda x, g, padding=4, size=None: sizes.append(size) or real(x, g, padding, size))
+    real_forward = DenseNet.forward
+    monkeypatch.setattr(DenseNet, "forward", lambda self, x: shapes.append((self.training, x.shape[-1]))
+                        or real_forward(self, x))
+    assert main(["train", *TINY, "--epochs", "3", "--batch-size", "1024", "--augment", "standard", "--small-crop",
+                 "6", "--small-crop-epochs", "2", "--eager", "--out", str(tmp_path / "run")]) == 0
+    per_epoch = len(sizes) // 3  # the digits: 2 training batches of 1024 per epoch
+    assert sizes == [6] * (2 * per_epoch) + [None] * per_epoch
+    trained = [side for training, side in shapes if training]
+    assert trained == [6] * (2 * per_epoch) + [8] * per_epoch
+    assert {side for training, side in shapes if not training} == {8}  # evaluation always at full size
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (config["small_crop"], config["small_crop_epochs"]) == (6, 2)
+
+
+def test_small_crop_larger_than_the_images_or_on_streamed_data_is_refused(tmp_path, capsys):
+    args = [*TINY, "--epochs", "2", "--augment", "standard", "--small-crop-epochs", "1", "--eager"]
+    assert main(["train", *args, "--small-crop", "9", "--out", str(tmp_path / "a")]) == 2
+    assert main(["train", *args, "--small-crop", "6", "--augment", "none", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--small-crop") == 2 and "(these are 8)" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_time_paths_keeps_the_fastest_and_leaves_model_and_rng_alone(monkeypatch):

@@ -6,7 +6,8 @@ so loading and augmenting never limit a step, and the randomness comes from one 
 (derived from the seed and the epoch) that a resumed run can recreate exactly.
 
 The paper's C10+/C100+ augmentation ("standard"): zero-pad 4 pixels on each side, take a random
-H x W crop, flip horizontally with probability 1/2.
+H x W crop, flip horizontally with probability 1/2. A smaller crop (``size``) keeps the scale of the
+image and shows less of it: the cheap early epochs of progressive resizing (``--small-crop``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,23 @@ import torch
 from torch import Tensor
 
 
-def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
-    """A random crop of the zero-padded batch, flipped left-right for half the images; same shape and dtype."""
+def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4, size: int | None = None) -> Tensor:
+    """A random crop of the zero-padded batch, flipped left-right for half the images; same dtype, and the
+    same shape unless ``size`` asks for smaller ``size`` x ``size`` crops (at most the image's side)."""
     n, c, h, w = images.shape
     if n == 0:
         return images
+    if size is not None:
+        if not 0 < size <= min(h, w):
+            raise ValueError(f"crop size {size} does not fit {h}x{w} images")
+        h = w = size
     # Draw on the generator's device (CPU) so the numbers do not depend on where training runs.
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
+    spans = (images.shape[2] + 2 * padding - h + 1, images.shape[3] + 2 * padding - w + 1)
+    if spans[0] == spans[1]:  # one draw for both axes, as always for square images
+        offsets = torch.randint(0, spans[0], (2, n), generator=generator)
+    else:
+        offsets = torch.stack([torch.randint(0, span, (n,), generator=generator) for span in spans])
+    offsets = offsets.to(images.device)
     flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (n, h)

@@ -74,6 +74,7 @@ class Batches:
                  device: torch.device, *, train: bool, augment: bool = False, seed: int = 0, workers: int = 0,
                  channels_last: bool = False, crop_padding: int = 4) -> None:
         self.crop_padding = crop_padding
+        self.crop_size: int | None = None  # smaller random crops (progressive resizing), set per epoch
         self.data, self.split, self.batch_size, self.info, self.device = data, split, batch_size, info, device
         self.train, self.augment, self.seed, self.channels_last = train, augment, seed, channels_last
         self.sampler = ShardSampler(len(split), info, shuffle=train, seed=seed)
@@ -104,7 +105,7 @@ class Batches:
             index = order[start:start + self.batch_size]
             x = self.split.images[index].to(self.device, non_blocking=True)
             if self.augment:
-                x = pad_crop_flip(x, generator, self.crop_padding)
+                x = pad_crop_flip(x, generator, self.crop_padding, self.crop_size)
             yield self._finish(normalize(x, self.data.mean, self.data.std)), self.split.labels[index].to(self.device)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:

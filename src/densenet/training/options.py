@@ -68,6 +68,11 @@ class TrainOptions:
                                                          "fb.resnet.torch); default by data set")
     crop_padding: int = option(4, "standard augmentation of in-memory sets: zero padding before the random crop "
                                "(the paper's 4; 2 suits short runs better)", metavar="PIXELS")
+    small_crop: int | None = option(None, "progressive resizing: the first --small-crop-epochs epochs train on "
+                                    "random SIZE x SIZE crops (same scale, less of each image, fewer FLOPs; "
+                                    "in-memory sets, standard augmentation), the rest and every evaluation at full "
+                                    "size", metavar="SIZE")
+    small_crop_epochs: int = option(0, "how many of the first epochs use --small-crop (default 0)", metavar="N")
     eval_every: int = option(1, "evaluate every N epochs and after the last (default 1; evaluation is a tenth of an "
                              "epoch's time in short CPU runs)", metavar="N")
     input_size: int | None = option(None, "image side for folder/imagenet (default 224)")
@@ -135,6 +140,14 @@ class TrainOptions:
         _positive("eval-every", self.eval_every, int)
         if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, int) or self.crop_padding < 0:
             raise ConfigError(f"--crop-padding must be an integer >= 0, not {self.crop_padding!r}")
+        if self.small_crop is not None:
+            _positive("small-crop", self.small_crop, int)
+        if isinstance(self.small_crop_epochs, bool) or not isinstance(self.small_crop_epochs, int) \
+                or not 0 <= self.small_crop_epochs < self.epochs:
+            raise ConfigError(f"--small-crop-epochs must be an integer from 0 to epochs - 1 ({self.epochs - 1}), "
+                              f"not {self.small_crop_epochs!r}")
+        if self.small_crop_epochs and self.small_crop is None:
+            raise ConfigError("--small-crop-epochs needs --small-crop SIZE")
         if self.input_size is not None:
             _positive("input-size", self.input_size, int)
         for name, allowed in CHOICES.items():

@@ -171,6 +171,12 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         if not data.in_memory:
             raise ConfigError(f"--train-subset is for the in-memory data sets (digits, cifar, svhn), not {data.name}")
         data.train = subset(data.train, options.train_subset, options.seed)
+    if options.small_crop_epochs:
+        side = min(data.train.images.shape[2:]) if data.in_memory and options.augment == "standard" else None
+        if side is None or options.small_crop > side:
+            raise ConfigError(f"--small-crop {options.small_crop}: needs an in-memory data set with standard "
+                              f"augmentation and images of at least that side" + (f" (these are {side})"
+                                                                                   if side else ""))
     torch.manual_seed(options.seed)
     model = _build_model(options, data).to(device)
     train_batches = Batches(data, data.train, per_rank, info, device, train=True,
@@ -233,6 +239,7 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         for epoch in range(start_epoch, options.epochs):
             _seed_epoch(options.seed, epoch, info.rank)
             lr = optimizer.param_groups[0]["lr"]
+            train_batches.crop_size = options.small_crop if epoch < options.small_crop_epochs else None
             stats = train_one_epoch(net, train_batches, optimizer, epoch, device, info, runtime.amp, scaler,
                                     options.quiet, options.epochs, forward=train_forward,
                                     scheduler=scheduler if per_step(options) else None,
