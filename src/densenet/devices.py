@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from densenet.errors import ConfigError
@@ -50,3 +51,21 @@ def autocast(device: torch.device, amp: str):
     if amp not in ("bf16", "fp16"):
         raise ConfigError(f"precision {amp!r} is not one of none, fp32, bf16, fp16")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 natively (not emulated through fp32, which is slower than fp32).
+
+    A CPU does with AVX-512 BF16 or AMX (Linux's /proc/cpuinfo flags; elsewhere: no, rather than a guess).
+    """
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))

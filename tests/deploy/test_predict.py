@@ -41,7 +41,7 @@ def test_json_output_for_every_image_mode_matches_the_evaluation_preprocessing(r
     images, _ = digit_images(1)
     expected_pixels = write_modes(tmp_path, images[0, 0].numpy())
     paths = [str(tmp_path / name) for name in expected_pixels]
-    assert main(["predict", str(folder), *paths, "--json", "--top-k", "3"]) == 0
+    assert main(["predict", str(folder), *paths, "--json", "--top-k", "3", "--engine", "eager"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
     with torch.no_grad():  # what `densenet evaluate` computes for the same scan: uint8 -> /255 -> mean/std
@@ -150,8 +150,8 @@ def _records(capsys):
     return [json.loads(line) for line in captured.out.strip().splitlines()], captured.err
 
 
-@pytest.mark.parametrize("engine", ["auto", "folded", "onnxruntime", "openvino"])
-def test_each_engine_predicts_what_eager_predicts(run, tmp_path, capsys, engine):
+@pytest.mark.parametrize("engine", ["folded", "onnxruntime", "openvino"])
+def test_each_fp32_engine_predicts_what_eager_predicts(run, tmp_path, capsys, engine):
     if engine in ("onnxruntime", "openvino"):
         pytest.importorskip(engine)
     folder, _, _ = run
@@ -163,11 +163,31 @@ def test_each_engine_predicts_what_eager_predicts(run, tmp_path, capsys, engine)
     assert main(["predict", str(folder), *paths, "--json", "--top-k", "3", "--batch-size", "2", "--engine",
                  engine]) == 0
     got, err = _records(capsys)
-    assert f"engine {engine}" in err or engine == "auto"
+    assert f"engine {engine}" in err
     for mine, theirs in zip(got, eager, strict=True):
         assert [p["index"] for p in mine["predictions"]] == [p["index"] for p in theirs["predictions"]]
         np.testing.assert_allclose([p["probability"] for p in mine["predictions"]],
                                    [p["probability"] for p in theirs["predictions"]], atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["native-bf16", "no-bf16"])
+def test_the_default_engine_is_the_fastest_for_the_cpu_and_says_so(run, tmp_path, capsys, monkeypatch, bf16):
+    from densenet.inference import engines
+
+    monkeypatch.setattr(engines, "native_bf16", lambda device: bf16)
+    folder, _, _ = run
+    paths = _digit_files(tmp_path, 5)
+    assert main(["predict", str(folder), *paths, "--json", "--top-k", "3", "--engine", "eager"]) == 0
+    eager, _ = _records(capsys)
+    assert main(["predict", str(folder), *paths, "--json", "--top-k", "3", "--batch-size", "4"]) == 0
+    got, err = _records(capsys)
+    chosen = next(e for e in engines.auto_order(torch.device("cpu")) if not engines.missing_package(e))
+    assert chosen == ("openvino-bf16" if bf16 else "openvino") or engines.missing_package("openvino")
+    assert err.startswith(f"densenet predict: engine {chosen} (built in ")
+    for mine, theirs in zip(got, eager, strict=True):  # bf16: the same class, probabilities to about 1%
+        assert mine["predictions"][0]["index"] == theirs["predictions"][0]["index"]
+        np.testing.assert_allclose(mine["predictions"][0]["probability"], theirs["predictions"][0]["probability"],
+                                   atol=2e-2 if chosen == "openvino-bf16" else 1e-5)
 
 
 def test_the_default_engine_falls_back_and_says_which_ran(run, tmp_path, capsys, monkeypatch):

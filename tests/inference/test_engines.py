@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import densenet
+from densenet.devices import native_bf16
 from densenet.inference import ENGINES, build_engine, engines, fold_batchnorm
 
 _PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"], "onnxruntime-int8": ["onnxruntime"],
@@ -126,22 +127,90 @@ def test_built_files_are_cached_and_nothing_temporary_is_left(engine, tmp_path, 
 
 def test_auto_falls_back_and_says_why(monkeypatch):
     model, x = _trained_like(), torch.randn(2, 3, 16, 16)
+    monkeypatch.setattr(engines, "native_bf16", lambda device: True)
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     run = build_engine(model, "auto", example=x)
     assert run.name == "eager"
-    assert "openvino" in run.note and "onnxruntime" in run.note and run.note.endswith("ran eager")
+    assert run.note.startswith("openvino-bf16 is not installed")
+    assert "onnxruntime" in run.note and run.note.endswith("ran eager")
     with pytest.raises(densenet.ConfigError, match=r"pip install 'densenet-paper\[openvino\]'"):
         build_engine(model, "openvino", example=x)
 
 
-def test_auto_takes_the_first_installed_engine_of_its_order():
-    model, x = _trained_like(), torch.randn(2, 3, 16, 16)
+def test_auto_tries_bf16_first_only_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engines, "native_bf16", lambda device: True)
+    assert engines.auto_order(cpu) == ("openvino-bf16", "openvino", "onnxruntime", "eager")
+    assert engines.auto_order(torch.device("cuda")) == ("eager",)
+    monkeypatch.setattr(engines, "native_bf16", lambda device: False)
+    assert engines.auto_order(cpu) == engines.AUTO_ORDER == ("openvino", "onnxruntime", "eager")
+
+
+def test_auto_is_bf16_on_a_native_bf16_cpu(monkeypatch):
+    _needs("openvino-bf16")
+    monkeypatch.setattr(engines, "native_bf16", lambda device: True)
+    model, x = _trained_like(), torch.randn(8, 3, 16, 16)
+    run = build_engine(model, "auto", example=x)
+    assert run.name == "openvino-bf16" and run.note == ""
+    with torch.no_grad():
+        expected = model(x)
+    assert engines.disagreement("openvino-bf16", run(x), expected) is None
+    if native_bf16(torch.device("cpu")):  # really bf16 (elsewhere OpenVINO may compute in fp32)
+        assert (run(x) - expected).abs().max() > 1e-4
+
+
+def test_auto_is_fp32_and_exact_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(engines, "native_bf16", lambda device: False)
+    model, x = _trained_like(), torch.randn(4, 3, 16, 16)
     first = next(e for e in engines.AUTO_ORDER if all(_installed(p) for p in _PACKAGES.get(e, [])))
     run = build_engine(model, "auto", example=x)
     assert run.name == first and run.note == ""
     with torch.no_grad():
         torch.testing.assert_close(run(x), model(x), rtol=1e-3, atol=1e-4)
+
+
+def test_auto_falls_back_to_fp32_when_bf16_fails_its_check(monkeypatch):
+    _needs("openvino")
+    monkeypatch.setattr(engines, "native_bf16", lambda device: True)
+    model, x = _trained_like(), torch.randn(4, 3, 16, 16)
+    monkeypatch.setattr(engines, "BF16_TOLERANCE", 0.0)  # bf16 rounding now counts as straying
+    run = build_engine(model, "auto", example=x)
+    assert run.name == "openvino"
+    assert run.note.startswith("openvino-bf16 strayed") and run.note.endswith("ran openvino")
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), model(x), rtol=1e-3, atol=1e-4)
+
+    from densenet.inference import runtimes
+
+    openvino_runner = runtimes.openvino_runner
+
+    def broken_bf16(path, threads, cache_dir=None, precision="f32"):
+        if precision == "bf16":
+            raise RuntimeError("no bf16 kernels for this graph\nsecond line")
+        return openvino_runner(path, threads, cache_dir, precision)
+
+    monkeypatch.setattr(runtimes, "openvino_runner", broken_bf16)
+    run = build_engine(model, "auto", example=x)
+    assert run.name == "openvino" and run.note == "openvino-bf16 failed (no bf16 kernels for this graph); ran openvino"
+
+
+def test_the_bf16_check_wants_the_top_class_kept_and_the_logits_close():
+    expected = torch.tensor([[4.0, 1.0, 0.0], [0.0, 2.0, 1.99], [1.0, 0.0, 3.0], [0.0, 5.0, 0.0]])
+    assert engines.disagreement("openvino-bf16", expected + 0.01, expected) is None
+    assert engines.disagreement("openvino", expected + 0.01, expected) == "openvino strayed 1.0e-02 from eager"
+    assert "strayed" in engines.disagreement("openvino-bf16", expected + 0.5, expected)  # 0.5 > 5% of 5
+    # within the tolerance, but the top class of one image in four changed: 75% kept, 90% needed
+    flipped = expected.clone()
+    flipped[1, 2] = 2.01
+    assert engines.disagreement("openvino-bf16", flipped, expected) == (
+        "openvino-bf16 kept eager's top class on 75% of 4 images")
+    # a diverged network: NaN would pass any "difference <= tolerance" test
+    broken = expected.clone()
+    broken[0, 0] = float("nan")
+    assert engines.disagreement("openvino", broken, expected) == "openvino not used: openvino gave non-finite logits"
+    assert engines.disagreement("openvino-bf16", expected, broken) == (
+        "openvino-bf16 not used: eager gave non-finite logits")
 
 
 def _installed(package: str) -> bool:
@@ -153,3 +222,43 @@ def _installed(package: str) -> bool:
 def test_unknown_engine_is_a_config_error():
     with pytest.raises(densenet.ConfigError, match="unknown inference engine"):
         build_engine(_trained_like(), "tensorrt", example=torch.randn(1, 3, 16, 16))
+
+
+def test_the_cache_keeps_the_most_recently_used_engines(tmp_path, monkeypatch):
+    import os
+    import time
+
+    _needs("onnxruntime")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DENSENET_ENGINE_CACHE", str(cache))
+    monkeypatch.setattr(engines, "CACHE_ENTRIES", 2)
+    x = torch.randn(2, 3, 16, 16)
+    models = []
+    for shift in range(3):
+        model = _trained_like()
+        with torch.no_grad():
+            model.classifier.bias.add_(shift)  # other weights: another cache entry
+        models.append(model)
+    hour_ago = time.time() - 3600
+
+    def folders():
+        return {p.name for p in cache.iterdir()}
+
+    build_engine(models[0], "onnxruntime", example=x)
+    (first,) = folders()
+    os.utime(cache / first, (hour_ago, hour_ago))  # built an hour ago
+    build_engine(models[1], "onnxruntime", example=x)
+    (second,) = folders() - {first}
+    os.utime(cache / second, (hour_ago + 60, hour_ago + 60))  # and this a minute later
+    assert build_engine(models[0], "onnxruntime", example=x).from_cache  # used again: now the most recent
+    stale = cache / ".onnxruntime-abandoned"  # a build whose process died two days ago
+    stale.mkdir()
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    fresh = cache / ".onnxruntime-building"  # another process building right now
+    fresh.mkdir()
+    build_engine(models[2], "onnxruntime", example=x)
+    assert first in folders() and second not in folders()  # the least recently used went
+    assert len(folders() - {fresh.name}) == 2
+    assert fresh.exists() and not stale.exists()
+    assert build_engine(models[0], "onnxruntime", example=x).from_cache
+    assert build_engine(models[2], "onnxruntime", example=x).from_cache

@@ -180,7 +180,7 @@ def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys):
     # densenet evaluate --tta flip gives the run's last (flip-averaged) test error.
     last = (run / "metrics.csv").read_text().splitlines()[-1].split(",")
     capsys.readouterr()
-    assert main(["evaluate", str(run), "--tta", "flip", "--json", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(run), "--tta", "flip", "--json", "--device", "cpu", "--engine", "eager"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tta"] == "flip" and result["top1_error"] == pytest.approx(float(last[4]), abs=1e-3)
     capsys.readouterr()

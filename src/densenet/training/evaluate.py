@@ -103,7 +103,7 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
         raise DenseNetError(f"--amp {amp} is autocast, which only eager PyTorch and compile apply; "
                             f"drop --engine {engine} or --amp")
     batches = Batches(data, data.test, batch_size, Dist(), dev, train=False, workers=workers)
-    example = torch.zeros(batch_size, data.in_chans, data.input_size, data.input_size, device=dev)
+    example = _first_test_images(data, batch_size).to(dev)
     model = model.to(dev).eval()
     calibration = _calibration(dataset, data_dir, meta) if engine.endswith("-int8") else None
     forward = build_engine(model, "eager" if amp != "none" and engine == "auto" else engine, example, dev,
@@ -117,6 +117,18 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
             "loss": None if diverged else round(stats.loss, 6), "ten_crop": ten_crop, "tta": tta, "amp": amp,
             "diverged": diverged, "engine": forward.name, "engine_build_seconds": round(forward.build_seconds, 3),
             "engine_note": forward.note}
+
+
+def _first_test_images(data, count: int) -> torch.Tensor:
+    """The first ``count`` test images as the evaluation feeds them: the batch the engine is built for, and the
+    images ``--engine auto`` checks its engine against eager on (zeros would agree with anything)."""
+    from densenet.data.augment import normalize
+
+    count = min(count, len(data.test))
+    if hasattr(data.test, "images"):  # in memory: uint8, normalised as in training
+        return normalize(data.test.images[:count], data.mean, data.std)
+    images = torch.stack([data.test[i][0] for i in range(count)])
+    return images.flatten(0, 1) if images.dim() == 5 else images  # ten crops: one image each, as evaluate does
 
 
 def _calibration(dataset: str, data_dir: str | None, meta: dict, count: int = 512) -> torch.Tensor:
