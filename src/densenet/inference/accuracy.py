@@ -8,15 +8,17 @@ torchvision's eager DenseNet fp32 with those weights (the reference of the speed
 reference of the agreement: the share of images whose top class is eager's, and the largest logit
 difference). Throughput is timed at ``--batch-size`` over the whole set, engines interleaved batch by batch so
 that a busy neighbour slows all alike; latency is the median of ``--latency-images`` single-image calls, also
-interleaved. Build time (export, quantisation, compilation) is reported beside the speed, with whether the
-built files came from the on-disk cache. int8 engines are calibrated on ``--calibration-images`` training
-images.
+interleaved, each after an untimed call of the same engine on the same image (so that the engine switched
+from has stopped spinning its threads and this one's are awake, as in a process running one engine). Build
+time (export, quantisation, compilation) is reported beside the speed, with whether the built files came from
+the on-disk cache. int8 engines are calibrated on ``--calibration-images`` training images. The default
+engine, ``auto``, is built as ``densenet predict`` and ``densenet evaluate`` build it, and named.
 
 ``--model NAME`` times a named network with seeded random weights instead (no trained weights needed), its BN
 statistics measured on the calibration images: the speed and the agreement with eager mean what they say, the
-top-1 is chance. ``--input-size`` resizes the
-test images (bilinear), e.g. CIFAR-10's to 224 for an ImageNet-sized network. Streamed data sets (imagenet,
-folder) are decoded into memory first: ``--limit`` images of them, 512 unless given.
+top-1 is chance. ``--input-size`` resizes the test images (bilinear), e.g. CIFAR-10's to 224 for an
+ImageNet-sized network. Streamed data sets (imagenet, folder) are decoded into memory first: ``--limit`` images
+of them, 512 unless given.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def measure(engines: dict[str, Engine], images: Tensor, labels: Tensor, batch_si
     for index, image in enumerate(images[:latency_images].split(1) if latency_engines else []):
         order = list(latency_engines) if index % 2 == 0 else list(reversed(latency_engines))
         for name in order:
+            # untimed first: the engine before may leave its threads spinning (ONNX Runtime's pool does), and
+            # this one's may have gone to sleep; one call lets both settle, as for a process running one engine
+            latency_engines[name](image)
             start = time.perf_counter()
             latency_engines[name](image)
             latency[name].append(time.perf_counter() - start)
@@ -144,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     report = dict(weights=weights, model=metadata.get("model"), dataset=dataset, test_images=len(labels),
                   input_size=int(images.shape[-1]), batch_size=args.batch_size, threads=torch.get_num_threads(),
                   cpu=_cpu_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  auto=auto.name, results=rows)
+                  auto=auto.name, auto_note=auto.note, results=rows)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -156,11 +161,12 @@ def run(args: argparse.Namespace) -> int:
         build = f"{r['build_seconds']:.1f}" + (" (cache)" if r["from_cache"] else "")
         latency = (f"{r['latency_ms']:.2f} | {r.get('latency_speedup', 1.0):.2f}x" if "latency_ms" in r
                    else "- | -")
-        print(f"| {r['engine']} | {r['top1']:.2f} | {r['agrees_with_eager']:.2f} | {r['max_logit_difference']:.1e} "
+        name = r["engine"] + (" (default)" if r["engine"] == auto.name else "")
+        print(f"| {name} | {r['top1']:.2f} | {r['agrees_with_eager']:.2f} | {r['max_logit_difference']:.1e} "
               f"| {build} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | {latency} |")
     reference_name = TORCHVISION if reference is not None else "our eager"
-    print(f"\nspeed-ups against {reference_name}; `auto` (the default of predict and evaluate) runs {auto.name} here"
-          + (f" ({auto.note})" if auto.note else ""))
+    print(f"\nspeed-ups against {reference_name}; the default engine (auto, of predict and evaluate) runs "
+          f"{auto.name} here" + (f" ({auto.note})" if auto.note else ""))
     return 0
 
 
