@@ -9,6 +9,7 @@ from PIL import Image
 
 import densenet
 from densenet.cli import main
+from densenet.inference import auto_order
 from densenet.models.weights import save_weights
 from tests.data import formats
 
@@ -46,7 +47,8 @@ def test_bench_inference_reports_each_engine(tmp_path, capsys):
                  "--latency-images", "3", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["test_images"] == 20 and report["auto"]
+    assert report["test_images"] == 20 and report["auto"] in ("eager", *auto_order(torch.device("cpu")))
+    assert len(report["matmul_peak_gflops"]) == 2 and min(report["matmul_peak_gflops"]) > 0
     engines = [r["engine"] for r in report["results"]]
     assert engines == ["torchvision eager fp32", "eager", "folded", "onnxruntime-int8"]
     rows = {r["engine"]: r for r in report["results"]}
@@ -71,6 +73,9 @@ def test_bench_inference_on_a_streamed_folder_and_a_named_network(tmp_path, caps
                  str(tmp_path / "data"), "--input-size", "24", "--engines", "folded", "--latency-images", "2"]) == 0
     out = capsys.readouterr().out
     assert "random weights" in out and "at 24 px" in out and "| folded | " in out
+    default = out.split("the default engine (auto, of predict and evaluate) runs ")[1].split()[0]
+    assert default in ("eager", *auto_order(torch.device("cpu")))
+    assert "GFLOP/s before and after timing" in out
 
 
 def test_bench_inference_class_mismatch_is_a_clear_error(tmp_path, capsys):

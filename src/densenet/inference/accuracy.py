@@ -11,8 +11,9 @@ that a busy neighbour slows all alike; latency is the median of ``--latency-imag
 interleaved, each after an untimed call of the same engine on the same image (so that the engine switched
 from has stopped spinning its threads and this one's are awake, as in a process running one engine). Build
 time (export, quantisation, compilation) is reported beside the speed, with whether the built files came from
-the on-disk cache. int8 engines are calibrated on ``--calibration-images`` training images. The default
-engine, ``auto``, is built as ``densenet predict`` and ``densenet evaluate`` build it, and named.
+the on-disk cache. int8 engines are calibrated on ``--calibration-images`` training images. The peak of an
+fp32 matrix product is timed just before and just after the timing: far below the usual, the machine was busy.
+The default engine, ``auto``, is built as ``densenet predict`` and ``densenet evaluate`` build it, and named.
 
 ``--model NAME`` times a named network with seeded random weights instead (no trained weights needed), its BN
 statistics measured on the calibration images: the speed and the agreement with eager mean what they say, the
@@ -145,16 +146,20 @@ def run(args: argparse.Namespace) -> int:
     if "compile" in engines and args.latency_images:  # compiled for one batch size: a second graph for batch 1
         latency_engines["compile"] = build_engine(model, "compile", images[:1], cache=cache)
     auto = build_engine(model, "auto", example, cache=cache)
+    peak_before = _fp32_peak()
     rows = measure(engines, images, labels, args.batch_size, latency_engines, args.latency_images)
+    peaks = [peak_before, _fp32_peak()]
     report = dict(weights=weights, model=metadata.get("model"), dataset=dataset, test_images=len(labels),
                   input_size=int(images.shape[-1]), batch_size=args.batch_size, threads=torch.get_num_threads(),
                   cpu=_cpu_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  auto=auto.name, auto_note=auto.note, results=rows)
+                  matmul_peak_gflops=[round(p / 1e9, 1) for p in peaks], auto=auto.name, auto_note=auto.note,
+                  results=rows)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{report['model']} ({weights}) on {len(labels)} {dataset} test images at {report['input_size']} px, "
-          f"batch {args.batch_size}, {report['threads']} threads, {report['cpu']}, {report['date']}")
+          f"batch {args.batch_size}, {report['threads']} threads, {report['cpu']}, {report['date']}; fp32 matmul "
+          f"peak {' and '.join(f'{p:.0f}' for p in report['matmul_peak_gflops'])} GFLOP/s before and after timing")
     print("\n| engine | top-1 % | agrees with eager % | max logit diff | build s | img/s | speed-up | "
           "batch-1 ms | speed-up |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -168,6 +173,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nspeed-ups against {reference_name}; the default engine (auto, of predict and evaluate) runs "
           f"{auto.name} here" + (f" ({auto.note})" if auto.note else ""))
     return 0
+
+
+def _fp32_peak() -> float:
+    """FLOP/s of an fp32 matrix product, timed here: far below the CPU's usual figure, something else ran."""
+    from densenet.bench.speed import matmul_peak
+
+    return matmul_peak(torch.device("cpu"), "fp32")
 
 
 def _network(args: argparse.Namespace) -> tuple[nn.Module | None, dict, str]:
