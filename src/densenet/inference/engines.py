@@ -24,8 +24,8 @@
 Built files (ONNX graphs, int8 models, OpenVINO's compiled blobs) are kept under ``engine_cache_dir()``, one
 folder per engine, weights, input shape, calibration and runtime version, so that the next process loads them
 instead of building; inductor keeps its compiled kernels in its own on-disk cache. Only the ``CACHE_ENTRIES``
-most recently used folders are kept (a DenseNet-121 folder holds about 60 MB). ``cache=False`` builds in a
-temporary folder that is gone when ``build_engine`` returns.
+most recently used folders are kept (a DenseNet-121 folder holds 27 MB for ONNX Runtime, 54 MB for OpenVINO).
+``cache=False`` builds in a temporary folder that is gone when ``build_engine`` returns.
 """
 
 from __future__ import annotations
