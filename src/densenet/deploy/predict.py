@@ -109,8 +109,9 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
             say: Callable[[str], None] | None = None) -> Iterator[Prediction]:
     """Top-k predictions for each image file, in order, a batch at a time, through an inference ``engine``.
 
-    The engine (``densenet.inference.engines``; ``auto``: the fastest installed) is built on the first batch;
-    ``say`` is told which one runs, and why when it is not the one asked for.
+    The engine (``densenet.inference.engines``; ``auto``: the fastest that keeps eager's accuracy on this
+    hardware, checked against eager on the first batch) is built on the first batch; ``say`` is told which one
+    runs, and why when it is not the first choice.
     """
     from densenet.inference.engines import build_engine
 
@@ -149,8 +150,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: cuda when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--engine", choices=CHOICES, default="auto",
-                        help="how to run the network (default auto: the fastest installed, see `densenet bench "
-                             "inference`; eager: plain PyTorch)")
+                        help="how to run the network (default auto: OpenVINO bf16 on a CPU with native bf16, else "
+                             "OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; see `densenet "
+                             "bench inference`; eager: plain PyTorch)")
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -7,9 +7,10 @@
 The data set, class names and normalisation come from the weights' metadata unless given; ImageNet and
 folders are evaluated on a single centre crop (resize 256, crop 224) or, with --ten-crop, on the four
 corners, centre and their mirror images, averaging the ten softmax outputs. The network runs through the
-fastest installed inference engine (``--engine auto``, see ``densenet.inference.engines``; it is named in
-the output), or the one ``--engine`` names; ``--engine eager`` is plain PyTorch. ``--amp bf16`` and a GPU run
-eager PyTorch under ``auto``.
+fastest inference engine that keeps eager's accuracy here (``--engine auto``: OpenVINO bf16 on a CPU with
+native bf16, else fp32; checked against eager on the first test images; see ``densenet.inference.engines``;
+it is named in the output), or the one ``--engine`` names; ``--engine eager`` is plain PyTorch and gives
+exactly the error ``densenet train`` reported. ``--amp bf16`` and a GPU run eager PyTorch under ``auto``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tta", choices=["none", "flip"], default="none", help="flip: average the softmax of each image and its "
         "mirror image (as densenet train --tta flip evaluates)")
     add("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (default none: fp32)")
-    add("--engine", choices=CHOICES, default="auto", help="how to run the network (default auto: the fastest "
-        "installed, see `densenet bench inference`; eager: plain PyTorch)")
+    add("--engine", choices=CHOICES, default="auto", help="how to run the network (default auto: OpenVINO "
+        "bf16 on a CPU with native bf16, else OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; "
+        "eager: plain PyTorch, the error train reported)")
     add("--json", action="store_true", help="print one JSON object: top1_error, top5_error (percent), n, ...")
 
 
