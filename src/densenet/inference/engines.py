@@ -304,9 +304,12 @@ def _touch(folder: Path) -> None:
         pass
 
 
-def _evict(root: Path, keep: int, abandoned_after: float = 86400.0) -> None:
+def _evict(root: Path, keep: int, abandoned_after: float = 86400.0, grace: float = 600.0) -> None:
     """All but the ``keep`` most recently used engine folders under ``root`` removed, and any build folder (a
-    dot-folder) left for a day by a process that died while building."""
+    dot-folder) left for a day by a process that died while building.
+
+    A folder used in the last ``grace`` seconds stays whatever its rank: another process may be loading it.
+    """
     now = time.time()
     entries: list[tuple[float, Path]] = []
     for path in root.iterdir():
@@ -321,5 +324,6 @@ def _evict(root: Path, keep: int, abandoned_after: float = 86400.0) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             continue
         entries.append((used, path))
-    for _, path in sorted(entries, reverse=True)[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
+    for used, path in sorted(entries, reverse=True)[keep:]:
+        if now - used > grace:
+            shutil.rmtree(path, ignore_errors=True)
