@@ -2,6 +2,7 @@
 weight decay on weights only, flip test-time augmentation)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -34,6 +35,20 @@ def test_auto_compiles_only_runs_long_enough_to_pay_for_it():
     assert not efficient.compile and "memory-efficient" in efficient.reason
     nhwc_eager = fast.plan(TrainOptions(channels_last=True, compile="off"), cpu, total_steps=10)
     assert nhwc_eager.channels_last and not nhwc_eager.compile
+
+
+def test_inductor_cache_is_ours_unless_the_user_chose_one(monkeypatch, tmp_path):
+    import torchvision  # noqa: F401 - importing it sets the variable to inductor's /tmp default
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert fast.inductor_cache_dir() == tmp_path / "densenet" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "densenet" / "inductor")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert fast.inductor_cache_dir() == tmp_path / "densenet" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert fast.inductor_cache_dir() == tmp_path / "mine"
 
 
 @pytest.mark.slow

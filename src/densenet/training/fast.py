@@ -160,9 +160,15 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def inductor_cache_dir() -> Path:
-    """Where inductor keeps compiled kernels and graphs between runs (created on first use)."""
+    """Where inductor keeps compiled kernels and graphs between runs (created on first use).
+
+    Importing torchvision already sets ``TORCHINDUCTOR_CACHE_DIR`` to inductor's default (a folder under /tmp,
+    gone at reboot), so that value counts as unset; any other value is the user's and is kept.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not path:
+    if not path or os.path.abspath(path) == os.path.abspath(default_cache_dir()):
         path = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "densenet" / "inductor")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return Path(path)
