@@ -107,24 +107,31 @@ def test_state_dicts_interchangeable_and_setter():
         torch.testing.assert_close(standard(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_channels_last():
-    standard, efficient = _pair(dtype=torch.float32)
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "basic"])
+def test_channels_last(bottleneck):
+    standard, efficient = _pair(bottleneck, drop_rate=0.2)
     for m in (standard, efficient):
         m.to(memory_format=torch.channels_last)
-    x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (4,))
+    torch.manual_seed(0)
     feats = efficient.features(x)
     assert feats.is_contiguous(memory_format=torch.channels_last)
-    loss_a, grad_a = _step(standard, x, y, 0)
-    loss_b, grad_b = _step(efficient, x, y, 0)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-5)
-    _assert_grads_equal(standard, efficient, rtol=1e-4, atol=1e-5)
+    for step in range(2):
+        loss_a, grad_a = _step(standard, x, y, step)
+        loss_b, grad_b = _step(efficient, x, y, step)
+        torch.testing.assert_close(loss_b, loss_a)
+        torch.testing.assert_close(grad_b, grad_a)
+    _assert_grads_equal(standard, efficient)
 
 
-def test_bf16_autocast():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bf16_autocast(channels_last):
     standard, efficient = _pair(dtype=torch.float32, drop_rate=0.1)
-    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for m in (standard, efficient):
+        m.to(memory_format=fmt)
+    x, y = torch.randn(4, 3, 8, 8).contiguous(memory_format=fmt), torch.randint(0, 5, (4,))
     results = []
     for m in (standard, efficient):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -141,6 +148,33 @@ def test_bf16_autocast():
     torch.testing.assert_close(grad_b, grad_a, rtol=5e-2, atol=5e-3)
     _assert_grads_equal(standard, efficient, rtol=5e-2, atol=2e-2)
     torch.testing.assert_close(efficient.state_dict(), standard.state_dict(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_model_runs_its_blocks_eagerly(monkeypatch):
+    # torch.compile compiles the stem, transitions and head, and runs each memory-efficient block eagerly
+    # (efficient_block_forward is excluded from compiling): same gradients, and the block's own code ran.
+    from densenet.models import efficient as eff_module
+
+    calls = []
+    forward = eff_module._forward
+    monkeypatch.setattr(eff_module, "_forward", lambda *a, **k: calls.append(torch.compiler.is_compiling())
+                        or forward(*a, **k))
+    standard, efficient = _pair(dtype=torch.float32, block_config=(2, 2))
+    for m in (standard, efficient):
+        m.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (4,))
+    compiled = torch.compile(efficient)
+    for step in range(2):
+        loss_a, grad_a = _step(standard, x, y, step)
+        loss_b, grad_b = _step(compiled, x, y, step)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-5)
+        _assert_grads_equal(standard, efficient, rtol=1e-4, atol=1e-5)
+        for m in (standard, efficient):
+            m.zero_grad(set_to_none=True)
+    assert calls == [False] * 4, calls  # two blocks, two steps, never traced
 
 
 def test_no_grad_and_frozen_parameters():

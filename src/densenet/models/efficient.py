@@ -6,19 +6,21 @@ DenseNets", 2017). Here instead
 
 - the block's maps live in ONE preallocated buffer (N, C_in + L*k, H, W); layer l reads the view
   ``buffer[:, :C_in + l*k]`` and writes its k new maps into the next k channels: no concatenation copies;
-- the BN-ReLU outputs that feed each convolution are not stored: the backward pass recomputes them
-  (two cheap element-wise passes) from the buffer and from the saved batch mean and 1/std;
-- what is stored per layer is linear in depth: the bottleneck's 1x1-convolution output (4k maps, as in
-  the technical report, whose shared storage covers the concatenation and the BN outputs), the dropout
-  masks (bool) and per-channel statistics;
+- the BN-ReLU outputs that feed each convolution are not stored, nor (in bottleneck layers) the 1x1
+  convolution's output: the backward pass recomputes them from the buffer and the saved batch mean and
+  variance (two element-wise passes and, for the bottleneck, the 1x1 convolution again, about a quarter
+  more arithmetic per step). What is stored per layer is the dropout masks (bool) and per-channel
+  statistics: besides the buffer, almost nothing. The technical report's shared storage covers the
+  concatenation and the BN outputs and keeps the bottleneck's 4k maps: for DenseNet-BC-250 k=24 at batch
+  16, 340 MB, a third of this mode's peak when it kept them (docs/memory.md);
 - nothing of the block's growing width is allocated per layer (see _Workspace): the BN-ReLU outputs, in
   the forward pass and recomputed in the backward pass, and their gradients go into workspaces allocated
   once per block and pass, sized for the widest layer. Torch's kernels would return a new tensor of
   (N, C_in + l*k, H, W) at every layer l; glibc's default allocator cannot reuse the freed smaller ones
   for the next larger one and keeps them, so a user's process grew to 39% of the standard mode's peak
-  instead of the ~21% its live tensors need. In DenseNet-BC blocks the backward pass of the first BN-ReLU
-  and 1x1 convolution runs one sample at a time (_pointwise_first_backward), so the recomputed BN-ReLU
-  output and its gradient need one-sample workspaces only.
+  instead of the ~21% its live tensors need. In bottleneck layers the first BN-ReLU and the 1x1 convolution
+  run one sample at a time, forward and backward (_pointwise_forward, _pointwise_backward), so the BN-ReLU
+  output over the block's width and its gradient need one-sample workspaces only.
 
 The batch statistics of a channel never change once it is written, so each channel's batch mean and
 variance are computed once, when it enters the buffer, and every later layer's BN1 reuses them (the
@@ -32,6 +34,7 @@ own kernels (native_batch_norm_backward, convolution_backward) where the tensors
 workspaces (BN, ReLU) and matrix products with ``out=`` (the 1x1 convolution). The results equal the
 standard mode's up to rounding (tests/models/test_efficient.py: float64, every gradient and BN buffer).
 Same modules, same parameters, same state dict as the standard mode: only DenseBlock.forward differs.
+Under torch.compile the blocks run eagerly, between the compiled stem, transitions and head.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ if TYPE_CHECKING:
 aten = torch.ops.aten
 
 
+# torch.compile runs the block eagerly between the compiled pieces of the model (stem, transitions, head):
+# inductor would not keep the shared buffer, the workspaces or the per-sample loops, and the savings are
+# what the mode is for.
+@torch.compiler.disable
 def efficient_block_forward(block: DenseBlock, x: Tensor) -> Tensor:
     """The output of ``block`` for input ``x`` (all maps, concatenated), computed in one shared buffer."""
     layers = list(block.values())
@@ -78,9 +85,11 @@ def _layer_params(layer: DenseLayer) -> list[Tensor | None]:
 
 def _check_layer(layer: DenseLayer) -> None:
     convs = [layer.conv2] + ([layer.conv1] if layer.bottleneck else [])
-    if any(conv.bias is not None or conv.groups != 1 for conv in convs):
+    pointwise = not layer.bottleneck or (layer.conv1.kernel_size == (1, 1) and layer.conv1.stride == (1, 1)
+                                         and layer.conv1.padding == (0, 0))
+    if not pointwise or any(conv.bias is not None or conv.groups != 1 for conv in convs):
         raise DenseNetError("memory_efficient=True supports the paper's dense layers only (bias-free, ungrouped "
-                            "convolutions); set model.memory_efficient = False for this model")
+                            "convolutions, a 1x1 bottleneck); set model.memory_efficient = False for this model")
 
 
 class _SharedBufferBlock(torch.autograd.Function):
@@ -118,44 +127,47 @@ def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def _normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor,
-                    out: Tensor) -> Tensor:
-    """ReLU(BN(x)) with the given statistics (batch or running), written into ``out`` (a workspace view).
+def _per_channel(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
 
-    BN's inference transform as ATen computes it on the CPU: alpha = weight / sqrt(var + eps),
-    beta = bias - mean * alpha, y = x * alpha + beta; then ReLU in place. No tensor of x's size is allocated.
-    """
+
+def _affine(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """BN's transform as ATen computes it on the CPU: y = x * alpha + beta, alpha = weight / sqrt(var + eps),
+    beta = bias - mean * alpha; also returns invstd = 1 / sqrt(var + eps)."""
     invstd = (var + bn.eps).sqrt().reciprocal()
     alpha = invstd if weight is None else invstd * weight
     beta = -mean * alpha if bias is None else bias - mean * alpha
+    return alpha, beta, invstd
+
+
+def _normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor,
+                    out: Tensor) -> Tensor:
+    """ReLU(BN(x)) with the given statistics (batch or running), written into ``out`` (a workspace view):
+    no tensor of x's size is allocated."""
+    alpha, beta, _ = _affine(bn, weight, bias, mean, var)
     torch.addcmul(_per_channel(beta), x, _per_channel(alpha), out=out)
     return out.relu_()
-
-
-def _per_channel(t: Tensor) -> Tensor:
-    return t.view(1, -1, 1, 1)
 
 
 class _Workspace:
     """One flat storage, allocated once per dense block and pass, that every layer reuses.
 
-    The recomputed (or forward) BN-ReLU outputs and their gradients grow by k channels per layer. Allocated
+    The BN-ReLU outputs of the block's maps and their gradients grow by k channels per layer. Allocated
     fresh at every layer (as torch's kernels do), the freed temporaries of growing size cannot be reused by
     the next, larger one; glibc's default allocator (heap below its dynamic mmap threshold, up to 32 MB)
     keeps them, and the process's RSS grows far beyond the live tensors. This is the "shared storage" of
     Pleiss et al. (2017): storage sized once for the largest layer, of which each layer takes a contiguous
-    prefix, viewed as (N, c, H, W) -- or as channels_last, matching the block's buffer.
+    prefix, viewed as (N, c, H, W) -- or as channels_last, matching the block's buffer. ``storage``: a part
+    of another workspace's, free while this one is used.
     """
 
-    def __init__(self, like: Tensor, channels: int, dtype: torch.dtype, channels_last: bool) -> None:
+    def __init__(self, like: Tensor, channels: int, dtype: torch.dtype, channels_last: bool,
+                 storage: Tensor | None = None) -> None:
         n, _, h, w = like.shape
         self.shape = (n, h, w)
         self.channels_last = channels_last
-        self.storage = torch.empty(n * channels * h * w, dtype=dtype, device=like.device)
-
-    @classmethod
-    def per_sample(cls, like: Tensor, channels: int, dtype: torch.dtype, channels_last: bool) -> _Workspace:
-        return cls(like[:1], channels, dtype, channels_last)
+        size = n * channels * h * w
+        self.storage = torch.empty(size, dtype=dtype, device=like.device) if storage is None else storage[:size]
 
     def view(self, channels: int) -> Tensor:
         n, h, w = self.shape
@@ -165,6 +177,69 @@ class _Workspace:
         return flat.view(n, channels, h, w)
 
 
+class _Workspaces:
+    """A block's workspaces for one pass (forward or backward), allocated once, before its first layer.
+
+    ``wide``: the full batch at the block's width, for the BN-ReLU output over the block's maps (``wide_cast``:
+    its conv-dtype copy under autocast); in basic layers ``grad`` holds its gradient, in bottleneck layers
+    the backward pass runs one sample at a time (_pointwise_backward) in ``sample`` and ``sample_grad``, two
+    one-sample parts of ``wide``'s storage, free by then. ``mid`` (bottleneck output) and ``y`` (second
+    BN-ReLU; in basic layers ``y`` is ``wide``), ``cast``: at the bottleneck's width.
+    """
+
+    def __init__(self, layers, buffer: Tensor, c_in: int, growth: int, conv_dtype: torch.dtype,
+                 channels_last: bool, backward: bool) -> None:
+        widest = c_in + (len(layers) - 1) * growth
+        dtype, cast = buffer.dtype, conv_dtype != buffer.dtype
+        pairs = buffer if buffer.shape[0] >= 2 else buffer.expand(2, -1, -1, -1)  # room for the two samples
+        self.wide = _Workspace(pairs, widest, dtype, channels_last)
+        self.wide.shape = (buffer.shape[0], *self.wide.shape[1:])
+        self.wide_cast = _Workspace(pairs, widest, conv_dtype, channels_last) if cast else None
+        self.grad = self.mid = self.sample = self.sample_grad = self.sample_cast = None
+        if not layers[0].bottleneck:
+            self.y, self.cast = self.wide, self.wide_cast
+            self.grad = _Workspace(buffer, widest, dtype, channels_last) if backward else None
+            return
+        width = layers[0].conv1.out_channels
+        self.mid = _Workspace(buffer, width, conv_dtype, channels_last)
+        self.y = _Workspace(buffer, width, dtype, channels_last)
+        self.cast = _Workspace(buffer, width, conv_dtype, channels_last) if cast else None
+        if backward:
+            one, per_sample = buffer[:1], self.wide.storage.numel() // pairs.shape[0]
+            self.sample = _Workspace(one, widest, dtype, channels_last, self.wide.storage)
+            self.sample_grad = _Workspace(one, widest, dtype, channels_last, self.wide.storage[per_sample:])
+            if cast:
+                self.sample_cast = _Workspace(one, widest, conv_dtype, channels_last, self.wide_cast.storage)
+
+
+def _matrix(t: Tensor, channels_last: bool) -> Tensor:
+    """One sample's (channels, H, W) as a matrix over its memory layout (a view): rows are pixels in
+    channels_last, channels in NCHW."""
+    return t.permute(1, 2, 0).reshape(-1, t.shape[0]) if channels_last else t.reshape(t.shape[0], -1)
+
+
+def _pointwise_forward(inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor, var: Tensor,
+                       weight: Tensor, dtype: torch.dtype, ws: _Workspaces, channels_last: bool) -> Tensor:
+    """conv1x1(ReLU(BN(inp))) over the block's c maps, into the ``ws.mid`` workspace.
+
+    The BN-ReLU output lives in the ``ws.wide`` workspace; the 1x1 convolution is one batched matrix product
+    (faster than the convolution kernel on a CPU). The forward pass runs this, and the backward pass again
+    to recompute the bottleneck output instead of keeping it (4k maps per layer: most of what the block
+    would otherwise store).
+    """
+    n, c, h, w = inp.shape
+    y = _normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
+    y = _cast_into(y, dtype, ws.wide_cast)
+    w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
+    mid = ws.mid.view(w2.shape[0])
+    if channels_last:  # (n, pixels, c) @ (c, width)
+        torch.matmul(y.permute(0, 2, 3, 1).reshape(n, h * w, c), w2.t(),
+                     out=mid.permute(0, 2, 3, 1).view(n, h * w, -1))
+    else:  # (width, c) @ (n, c, pixels)
+        torch.matmul(w2, y.reshape(n, c, h * w), out=mid.view(n, -1, h * w))
+    return mid
+
+
 def _cast_into(t: Tensor, dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
     """``t`` in the convolution dtype: itself, or a copy in the cast workspace (under autocast)."""
     if t.dtype == dtype or ws is None:
@@ -172,12 +247,21 @@ def _cast_into(t: Tensor, dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
     return ws.view(t.shape[1]).copy_(t)
 
 
-def _dropout(t: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    # The draws of F.dropout on CPU (empty_like + bernoulli_, then multiply), so that a seeded run gives the
-    # standard mode's masks; the mask is kept as bool (1 byte) for the backward pass.
+def _dropout_(t: Tensor, p: float) -> Tensor:
+    """F.dropout on ``t`` in place; returns the mask (bool, 1 byte), all _redrop_ needs to apply it again.
+
+    The draws of F.dropout on CPU (empty_like + bernoulli_, then input * noise / (1 - p)), so that a seeded run
+    gives the standard mode's masks and values.
+    """
     noise = torch.empty_like(t).bernoulli_(1 - p)
     mask = noise.bool()
-    return t * noise.div_(1 - p), mask
+    t.mul_(noise.div_(1 - p))
+    return mask
+
+
+def _redrop_(t: Tensor, mask: Tensor | None, p: float) -> Tensor:
+    """The dropout of ``mask`` applied to ``t`` in place, bit for bit as _dropout_ applied it."""
+    return t if mask is None else t.mul_(mask.to(t.dtype).div_(1 - p))
 
 
 def _conv(x: Tensor, weight: Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> Tensor:
@@ -193,7 +277,7 @@ def _forward(layers, x: Tensor, params: list, save: bool):
     block.write(x)
     buffer, channels_last = block.data, block.channels_last
     count = n * h * w
-    ws, cast_ws = _workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last)
+    ws = _Workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last, backward=False)
     batch_stats = [(_uses_batch_stats(layer.norm1 if layer.bottleneck else layer.norm2),
                     layer.bottleneck and _uses_batch_stats(layer.norm2)) for layer in layers]
     saved: list[Tensor | None] = []
@@ -209,46 +293,33 @@ def _forward(layers, x: Tensor, params: list, save: bool):
                 update_running_stats(first, mean, var, count)
             else:
                 mean, var = first.running_mean, first.running_var
-            y = _normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.view(c))
             record: list[Tensor | None] = [mean, var]
             if layer.bottleneck:
-                mid = _conv(_cast_into(y, conv_dtype, cast_ws), lp[2], layer.conv1, conv_dtype)
-                del y
-                mask1 = None
-                if layer.drop_rate > 0 and layer.training:
-                    mid, mask1 = _dropout(mid, layer.drop_rate)
+                mid = _pointwise_forward(buffer[:, :c], first, lp[0], lp[1], mean, var, lp[2], conv_dtype, ws,
+                                         channels_last)
+                mask1 = _dropout_(mid, layer.drop_rate) if layer.drop_rate > 0 and layer.training else None
                 if second_batch:
                     mean2, var2 = batch_mean_var(mid)
                     update_running_stats(layer.norm2, mean2, var2, count)
                 else:
                     mean2, var2 = layer.norm2.running_mean, layer.norm2.running_var
-                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.view(mid.shape[1]))
-                record += [mid, mask1, mean2, var2]
-            new = _conv(_cast_into(y, conv_dtype, cast_ws), lp[-1], layer.conv2, conv_dtype)
+                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
+                record += [mask1, mean2, var2]
+            else:
+                y = _normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.y.view(c))
+            new = _conv(_cast_into(y, conv_dtype, ws.cast), lp[-1], layer.conv2, conv_dtype)
             del y
-            mask2 = None
-            if layer.drop_rate > 0 and layer.training:
-                new, mask2 = _dropout(new, layer.drop_rate)
+            mask2 = _dropout_(new, layer.drop_rate) if layer.drop_rate > 0 and layer.training else None
             record.append(mask2)
             block.write(new)
             del new
             c += growth
             if save:
                 saved.extend(record)
-    del ws, cast_ws
+    del ws
     meta = dict(conv_dtype=conv_dtype, c_in=c_in, growth=growth, batch_stats=batch_stats,
                 channels_last=channels_last)
     return buffer, dict(tensors=saved, meta=meta)
-
-
-def _workspaces(layers, buffer: Tensor, c_in: int, growth: int, conv_dtype: torch.dtype, channels_last: bool):
-    """The block's workspace (buffer dtype) and, under autocast, a second one for the conv-dtype copies."""
-    widest = c_in + (len(layers) - 1) * growth
-    if layers[0].bottleneck:
-        widest = max(widest, layers[0].conv1.out_channels)
-    ws = _Workspace(buffer, widest, buffer.dtype, channels_last)
-    cast_ws = None if conv_dtype == buffer.dtype else _Workspace(buffer, widest, conv_dtype, channels_last)
-    return ws, cast_ws
 
 
 # --- backward ----------------------------------------------------------------------------------------
@@ -304,14 +375,9 @@ def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Conv2d, d
     return grad_in, grad_w.to(weight.dtype)
 
 
-def _is_pointwise(conv: nn.Conv2d) -> bool:
-    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
-
-
-def _pointwise_first_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor,
-                              var: Tensor, batch: bool, weight: Tensor, dtype: torch.dtype, grad: Tensor,
-                              sample: _Workspace, sample_grad: _Workspace, sample_cast: _Workspace | None,
-                              channels_last: bool):
+def _pointwise_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor,
+                        var: Tensor, batch: bool, weight: Tensor, dtype: torch.dtype, grad: Tensor,
+                        ws: _Workspaces, channels_last: bool):
     """The backward pass of conv1x1(ReLU(BN(x))) over the block's c maps, one sample at a time.
 
     ``g`` is the gradient of the 1x1 convolution's output. The recomputed BN-ReLU output is needed only
@@ -325,49 +391,42 @@ def _pointwise_first_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_wei
     """
     n, c = inp.shape[:2]
     acc = mean.dtype
-    invstd = (var + bn.eps).sqrt().reciprocal()
-    alpha = invstd if bn_weight is None else invstd * bn_weight
-    beta = -mean * alpha if bn_bias is None else bn_bias - mean * alpha
+    alpha, beta, invstd = _affine(bn, bn_weight, bn_bias, mean, var)
     alpha3, beta3, mean3 = alpha.view(-1, 1, 1), beta.view(-1, 1, 1), mean.view(-1, 1, 1)
-    w2 = weight.to(dtype).flatten(1)  # (k_out, c)
+    w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = g.to(dtype).contiguous(memory_format=fmt)
-    y = sample.view(c)[0]
-    y_c = y if sample_cast is None else sample_cast.view(c)[0]
-    gy = sample_grad.view(c)[0]
-    scale3 = (invstd if bn_weight is None else invstd * bn_weight).view(-1, 1, 1)
-
-    def matrix(t: Tensor) -> Tensor:  # one sample's (channels, H, W) as a matrix over its memory layout
-        return t.permute(1, 2, 0).reshape(-1, t.shape[0]) if channels_last else t.reshape(t.shape[0], -1)
-
+    y = ws.sample.view(c)[0]
+    y_c = y if ws.sample_cast is None else ws.sample_cast.view(c)[0]
+    gy = ws.sample_grad.view(c)[0]
     grad_w = None
     sum_dy = torch.zeros(c, dtype=acc, device=inp.device)
     dotp = torch.zeros(c, dtype=acc, device=inp.device)
     for i in range(n):
         torch.addcmul(beta3, inp[i], alpha3, out=y).relu_()
-        if sample_cast is not None:
+        if y_c is not y:
             y_c.copy_(y)
-        g2, y2, gy2 = matrix(g[i]), matrix(y_c), matrix(gy)
-        out = gy2 if sample_cast is None else y2  # under autocast: y_c is free once grad_w has it
+        g2, y2, gy2 = _matrix(g[i], channels_last), _matrix(y_c, channels_last), _matrix(gy, channels_last)
+        out = gy2 if y_c is y else y2  # under autocast: y_c is free once grad_w has it
         if channels_last:  # rows: pixels
             grad_w = torch.mm(g2.t(), y2) if grad_w is None else grad_w.addmm_(g2.t(), y2)
             torch.mm(g2, w2, out=out)
         else:  # rows: channels
             grad_w = torch.mm(g2, y2.t()) if grad_w is None else grad_w.addmm_(g2, y2.t())
             torch.mm(w2.t(), g2, out=out)
-        if sample_cast is not None:
+        if y_c is not y:
             gy2.copy_(out)
         aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
         sum_dy += gy.sum((1, 2), dtype=acc)
         torch.sub(inp[i], mean3, out=y)
         dotp += y.mul_(gy).sum((1, 2), dtype=acc)
-        grad[i, :c].addcmul_(gy, scale3)
+        grad[i, :c].addcmul_(gy, alpha3)
     if batch:
         count = n * inp.shape[2] * inp.shape[3]
         k3, mean_dy3 = (dotp * invstd * invstd / count).view(-1, 1, 1), (sum_dy / count).view(-1, 1, 1)
         for i in range(n):
             torch.sub(inp[i], mean3, out=y).mul_(k3).add_(mean_dy3)
-            grad[i, :c].addcmul_(y, scale3, value=-1)
+            grad[i, :c].addcmul_(y, alpha3, value=-1)
     grad_bn_weight = None if bn_weight is None else (dotp * invstd).to(bn_weight.dtype)
     grad_bn_bias = None if bn_bias is None else sum_dy.to(bn_bias.dtype)
     return grad_w.view_as(weight).to(weight.dtype), grad_bn_weight, grad_bn_bias
@@ -378,68 +437,51 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
     channels_last = meta["channels_last"]
     grad = grad_out.to(buffer.dtype).clone(memory_format=torch.preserve_format)
     grad_params: list[Tensor | None] = [None] * len(params)
-    # The block's workspaces (see _Workspace). Where every first convolution is 1x1 (DenseNet-BC): one sample
-    # of the block's width for the recomputed first BN-ReLU output, one for its gradient, and the full batch
-    # of the bottleneck's width for the second BN-ReLU. Else the full batch of the block's width for the
-    # BN-ReLU outputs (then BN's scratch) and for their gradients. Under autocast, the same for conv copies.
-    ws_y, cast_ws = _workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last)
-    widest = ws_y.storage.numel() // (buffer.shape[0] * buffer.shape[2] * buffer.shape[3])
-    pointwise = all(layer.bottleneck and _is_pointwise(layer.conv1) for layer in layers)
-    if not pointwise:
-        ws_g = _Workspace(buffer, widest, buffer.dtype, channels_last)
-    else:
-        bottleneck = layers[0].conv1.out_channels
-        ws_y = _Workspace(buffer, bottleneck, buffer.dtype, channels_last)
-        sample = _Workspace.per_sample(buffer, widest, buffer.dtype, channels_last)
-        sample_grad = _Workspace.per_sample(buffer, widest, buffer.dtype, channels_last)
-        sample_cast = (None if conv_dtype == buffer.dtype else
-                       _Workspace.per_sample(buffer, widest, conv_dtype, channels_last))
+    ws = _Workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last, backward=True)
     # Where each layer's parameters and saved tensors start, in forward order.
     starts, p, t = [], 0, 0
     for layer in layers:
         starts.append((p, t))
         p += 6 if layer.bottleneck else 3
-        t += 7 if layer.bottleneck else 3
+        t += 6 if layer.bottleneck else 3
     with _no_autocast(buffer.device.type):
         for index in reversed(range(len(layers))):
             layer, (p, t) = layers[index], starts[index]
             first_batch, second_batch = meta["batch_stats"][index]
             c = c_in + index * growth
             lp = params[p:p + (6 if layer.bottleneck else 3)]
-            record = tensors[t:t + (7 if layer.bottleneck else 3)]
+            record = tensors[t:t + (6 if layer.bottleneck else 3)]
             mean, var, mask2 = record[0], record[1], record[-1]
             inp = buffer[:, :c]
             g = _undrop(grad[:, c:c + growth], mask2, layer.drop_rate)
-            # conv2's input, recomputed: ReLU(BN2(bottleneck output)), or ReLU(BN(block maps)) in a basic layer.
             if layer.bottleneck:
-                mid, mask1, mean2, var2 = record[2:6]
-                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws_y.view(mid.shape[1]))
-                g, grad_params[p + len(lp) - 1] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
+                # The bottleneck output and conv2's input ReLU(BN2(.)), recomputed into the workspaces.
+                mask1, mean2, var2 = record[2:5]
+                first_bn = layer.norm1
+                mid = _pointwise_forward(inp, first_bn, lp[0], lp[1], mean, var, lp[2], conv_dtype, ws,
+                                         channels_last)
+                _redrop_(mid, mask1, layer.drop_rate)
+                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
+                g, grad_params[p + 5] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
                 g = aten.threshold_backward(g.to(y.dtype), y, 0)
                 del y
                 g, grad_params[p + 3], grad_params[p + 4] = _bn_backward(
                     g, mid, layer.norm2, lp[3], lp[4], mean2, var2, second_batch)
+                del mid
                 g = _undrop(g, mask1, layer.drop_rate)
-                first_bn, conv, weight = layer.norm1, layer.conv1, lp[2]
-                w_index = p + 2
-            else:
-                first_bn, conv, weight = layer.norm2, layer.conv2, lp[-1]
-                w_index = p + len(lp) - 1
-            # The first BN-ReLU over the block's c maps and the convolution after it: every tensor of the
-            # block's width lives in the workspaces.
-            if pointwise:
-                grad_params[w_index], grad_params[p], grad_params[p + 1] = _pointwise_first_backward(
-                    g, inp, first_bn, lp[0], lp[1], mean, var, first_batch, weight, conv_dtype, grad,
-                    sample, sample_grad, sample_cast, channels_last)
+                grad_params[p + 2], grad_params[p], grad_params[p + 1] = _pointwise_backward(
+                    g, inp, first_bn, lp[0], lp[1], mean, var, first_batch, lp[2], conv_dtype, grad, ws,
+                    channels_last)
                 del g
                 continue
-            y = _normalize_relu(inp, first_bn, lp[0], lp[1], mean, var, ws_y.view(c))
-            gy = ws_g.view(c)
-            g_in, grad_params[w_index] = _conv_backward(g, y, weight, conv, conv_dtype)
+            # A basic layer: the BN-ReLU over the block's c maps and its gradient in the full-batch workspaces.
+            y = _normalize_relu(inp, layer.norm2, lp[0], lp[1], mean, var, ws.y.view(c))
+            gy = ws.grad.view(c)
+            g_in, grad_params[p + 2] = _conv_backward(g, y, lp[2], layer.conv2, conv_dtype)
             gy.copy_(g_in)
             del g, g_in
             aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
-            gy, grad_params[p], grad_params[p + 1] = _bn_backward_(gy, inp, first_bn, lp[0], mean, var,
+            gy, grad_params[p], grad_params[p + 1] = _bn_backward_(gy, inp, layer.norm2, lp[0], mean, var,
                                                                    first_batch, scratch=y)
             if lp[0] is None:
                 grad_params[p] = None
