@@ -17,7 +17,8 @@ def test_bench_memory_smoke(tmp_path, capsys):
     assert all(r["peak_mb"] >= 0 and r["live_mb"] >= 0 and r["seconds_per_step"] > 0 and r["batch"] == 2
                for r in records)
     table = markdown.read_text()
-    assert "| densenet_bc10_k4 | 2 | ours, memory-efficient |" in table and "densenet bench memory" in table
+    assert "| densenet_bc10_k4 | cpu | 2 | ours, memory-efficient |" in table and "densenet bench memory" in table
+    assert "fp32 matmul peak" in table and all(len(r["matmul_peak_gflops"]) == 2 for r in records)
     assert plot.read_bytes()[:4] == b"\x89PNG"
     # A second run merges: its rows replace the same rows, others stay.
     assert main(argv[:3] + ["16"] + argv[4:] + ["--repeats", "0"]) == 0

@@ -88,10 +88,11 @@ def run(args: argparse.Namespace) -> int:
         common = dict(model=name, batch=args.batch_size, size=args.input_size, threads=args.threads,
                       device=args.device)
         memory = {mode: _measure_memory(dict(common, mode=mode), live=not args.no_live) for mode in args.modes}
-        times = _subprocess("time", dict(common, modes=args.modes, repeats=args.repeats)) if args.repeats else {}
+        timed = _subprocess("time", dict(common, modes=args.modes, repeats=args.repeats)) if args.repeats else {}
+        times, peaks = timed.get("seconds", {}), timed.get("matmul_peak_gflops")
         for mode in args.modes:
             record = dict(common, mode=mode, command=command.strip(), date=date, cpu=_cpu_model(), **memory[mode],
-                          seconds_per_step=times.get(mode))
+                          seconds_per_step=times.get(mode), matmul_peak_gflops=peaks)
             records.append(record)
             print(_line(record), flush=True)
         # Written after every model, so that an interrupted run keeps what it measured.
@@ -115,8 +116,10 @@ def _cpu_model() -> str:
 def _line(r: dict) -> str:
     t = f"{r['seconds_per_step']:.2f} s/step" if r.get("seconds_per_step") else "-"
     live = f"{r['live_mb']:.0f}" if r.get("live_mb") is not None else "-"
-    return (f"{r['model']:<22} batch {r['batch']:<4} {r['mode']:<22} peak {r['peak_mb']:>7.0f} MB  "
-            f"live {live:>6} MB  {t}")
+    first, second = (("max reserved", "max allocated") if r["device"].startswith("cuda") else
+                     ("peak RSS (default allocator)", "live tensors (mmap threshold)"))
+    return (f"{r['model']:<22} batch {r['batch']:<4} {r['mode']:<22} {first} {r['peak_mb']:>7.0f} MB  "
+            f"{second} {live:>6} MB  {t}")
 
 
 def _measure_memory(spec: dict, live: bool) -> dict:
@@ -200,6 +203,11 @@ def _worker(kind: str, spec_json: str) -> None:
             result = dict(peak_mb=(_rss("VmHWM") - base) / 2**20)
         print(json.dumps(dict(result, before_mb=base / 2**20, memory_step_seconds=seconds)))
         return
+    from densenet.bench.speed import matmul_peak
+
+    # The CPU's fp32 matmul rate before and after the timed rounds: far below the machine's usual figure means
+    # other work shared the cores, and the step times with it.
+    peaks = [matmul_peak(device, "fp32")]
     samples: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_ in range(spec["repeats"] + 1):
         for mode in modes:
@@ -209,7 +217,9 @@ def _worker(kind: str, spec_json: str) -> None:
             sync()
             if round_:  # round 0 is the warm-up
                 samples[mode].append(time.perf_counter() - start)
-    print(json.dumps({mode: statistics.median(s) for mode, s in samples.items()}))
+    peaks.append(matmul_peak(device, "fp32"))
+    print(json.dumps(dict(seconds={mode: statistics.median(s) for mode, s in samples.items()},
+                          matmul_peak_gflops=[round(p / 1e9, 1) for p in peaks])))
 
 
 def _step_fn(model, x, y):
@@ -280,9 +290,10 @@ Written by `densenet bench memory` (src/densenet/bench/memory.py); rerun it to r
 
 
 def format_markdown(records: list[dict]) -> str:
-    lines = ["| model | batch | mode | peak RSS, default allocator (MB) | vs ours standard | "
-             "live tensors, mmap threshold (MB) | vs ours standard | s/step | speed vs ours standard |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | device | batch | mode | peak RSS, default allocator (CUDA: max reserved) (MB) | vs ours "
+             "standard | live tensors, mmap threshold (CUDA: max allocated) (MB) | vs ours standard | s/step | "
+             "speed vs ours standard |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
 
     def ratio(r: dict, base: dict | None, field: str) -> str:
         return f"{r[field] / base[field]:.0%}" if base and r.get(field) and base.get(field) else "-"
@@ -293,12 +304,17 @@ def format_markdown(records: list[dict]) -> str:
         t = r.get("seconds_per_step")
         speed = f"{base['seconds_per_step'] / t:.2f}x" if base and t and base.get("seconds_per_step") else "-"
         live = f"{r['live_mb']:.0f}" if r.get("live_mb") is not None else "-"
-        lines.append(f"| {r['model']} | {r['batch']} | {LABELS[r['mode']]} | {r['peak_mb']:.0f} | "
+        lines.append(f"| {r['model']} | {r['device']} | {r['batch']} | {LABELS[r['mode']]} | {r['peak_mb']:.0f} | "
                      f"{ratio(r, base, 'peak_mb')} | {live} | {ratio(r, base, 'live_mb')} | "
                      f"{f'{t:.2f}' if t else '-'} | {speed} |")
-    runs = sorted({(r["date"], r["command"], r.get("cpu")) for r in records}, key=lambda run: run[:2])
-    lines += ["", "Measured by:", ""] + [f"- {date}: `{cmd}`" + (f" ({cpu})" if cpu else "")
-                                         for date, cmd, cpu in runs]
+    def machine(cpu: str | None, peaks: tuple | None) -> str:
+        peak = f"fp32 matmul peak {' and '.join(f'{p:.0f}' for p in peaks)} GFLOP/s before and after timing"
+        text = "; ".join(([cpu] if cpu else []) + ([peak] if peaks else []))
+        return f" ({text})" if text else ""
+
+    runs = sorted({(r["date"], r["command"], r.get("cpu"), tuple(r.get("matmul_peak_gflops") or ()))
+                   for r in records}, key=lambda run: run[:2])
+    lines += ["", "Measured by:", ""] + [f"- {date}: `{cmd}`{machine(cpu, peaks)}" for date, cmd, cpu, peaks in runs]
     return HEADER + "\n".join(lines) + "\n"
 
 
