@@ -17,8 +17,9 @@ def make_run(folder, model, options: dict, errors: list[float], val_errors: list
     write_config(folder, TrainOptions(**options).to_dict())
     history = []
     for epoch, error in enumerate(errors, start=1):
-        row = {"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "train_error": error + 1, "test_error": error,
-               "test_top5_error": 0.5, "seconds": 1.0}
+        row = {"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "train_error": 1.0, "seconds": 1.0}
+        if error is not None:  # None: an epoch that --eval-every did not evaluate
+            row |= {"test_error": error, "test_top5_error": 0.5}
         if val_errors:
             row["val_error"] = val_errors[epoch - 1]
         history.append(row)
@@ -53,6 +54,10 @@ def test_rows_take_error_size_and_paper_numbers_from_the_run(runs):
     assert recipe.params == count_parameters(model) and recipe.macs == count_macs(model, 8)
     table = read_run(root / "table")
     assert table.paper_error == 5.24 and table.difference == pytest.approx(4.01)  # Table 2, C10+
+    make_run(root / "sparse", model, dict(dataset="cifar10", model="densenet_bc16_k4", epochs=5, eval_every=2),
+             [None, 20.0, None, 11.0, 9.0])
+    sparse = read_run(root / "sparse")
+    assert (sparse.epochs_done, sparse.epochs_planned, sparse.error) == (5, 5, 9.0) and "epoch 5" in sparse.error_rule
     svhn = read_run(root / "svhn")
     assert svhn.error == 3.0 and "lowest validation" in svhn.error_rule  # the paper's SVHN protocol
 

@@ -90,7 +90,8 @@ def read_run(run_dir: str | Path) -> RunResult:
     except yaml.YAMLError as exc:
         raise DenseNetError(f"{run_dir / 'config.yaml'} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     with open(run_dir / "metrics.csv", newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("test_error") not in (None, "")]
+        every = list(csv.DictReader(f))
+    rows = [row for row in every if row.get("test_error") not in (None, "")]  # --eval-every skips some epochs
     if not rows:
         raise DenseNetError(f"{run_dir / 'metrics.csv'} has no finished epoch with a test_error")
     try:
@@ -111,7 +112,8 @@ def read_run(run_dir: str | Path) -> RunResult:
         paper = PAPER_ERRORS.get((name, dataset, augment))
     input_size = metadata.get("input_size") or config.get("input_size")
     subset = config.get("train_subset")
-    return RunResult(run_dir.name, name, dataset, augment, len(rows), int(config.get("epochs") or len(rows)),
+    done = len(every)
+    return RunResult(run_dir.name, name, dataset, augment, done, int(config.get("epochs") or done),
                      int(subset) if subset else None,
                      count_parameters(model), count_macs(model, input_size), error, rule,
                      None if paper is None else float(paper))
