@@ -279,12 +279,13 @@ Written by `densenet bench memory` (src/densenet/bench/memory.py); rerun it to r
   allocation over 64 KiB (`mallopt(M_MMAP_THRESHOLD)`), so freed tensors leave RSS at once and it follows the
   live tensors (a lower bound; steps are much slower this way). On CUDA: torch.cuda.max_memory_allocated.
 - **s/step**: median of the timed rounds in one process holding all modes, stepped interleaved after a warm-up
-  round (default allocator), so the speed ratio holds even on a loaded machine (this one was: other jobs
-  shared its 2 cores). CPU, 32x32 inputs, 10 classes, fp32, `--threads` torch threads.
-- Modes: ours standard (`memory_efficient=False`), ours memory-efficient (shared buffer, BN-ReLU recomputed
-  into per-block workspaces), torchvision's `DenseNet(memory_efficient=True)` (gradient checkpointing) and
-  torchvision's standard DenseNet, both with the stem replaced by one 3x3 convolution: the same architecture
-  and parameters as ours.
+  round (default allocator), so the speed ratio holds even on a loaded machine; the fp32 matmul peak taken
+  before and after the timed rounds shows whether the machine was quiet. CPU, 32x32 inputs, 10 classes,
+  fp32, `--threads` torch threads.
+- Modes: ours standard (`memory_efficient=False`), ours memory-efficient (shared buffer, BN-ReLU and the
+  bottleneck's 1x1 convolution recomputed into per-block workspaces), torchvision's
+  `DenseNet(memory_efficient=True)` (gradient checkpointing) and torchvision's standard DenseNet, both with
+  the stem replaced by one 3x3 convolution: the same architecture and parameters as ours.
 
 """
 
