@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from densenet.analysis.complexity import count_macs, default_input_size
-from densenet.devices import autocast, resolve_device
+from densenet.devices import autocast, matmul_peak, resolve_device
 from densenet.errors import ConfigError
 from densenet.inference.engines import ENGINES, build_engine
 from densenet.models.compat import torchvision_reference
@@ -86,22 +86,6 @@ class TaskResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device, precision: str, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of ``repeats`` (size x size) @ (size x size) products at this precision."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def _interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,

@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _fp32_peak() -> float:
     """FLOP/s of an fp32 matrix product, timed here: far below the CPU's usual figure, something else ran."""
-    from densenet.bench.speed import matmul_peak
+    from densenet.devices import matmul_peak
 
     return matmul_peak(torch.device("cpu"), "fp32")
 
