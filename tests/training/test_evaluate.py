@@ -68,6 +68,7 @@ def _engine_cache(tmp_path, monkeypatch):
 
 @pytest.mark.usefixtures("_engine_cache")
 def test_every_installed_engine_gives_eager_s_errors_on_the_same_images(tmp_path, capsys):
+    from densenet.devices import native_bf16
     from densenet.inference.engines import ENGINES
 
     classes = ["a", "b", "c", "d"]
@@ -77,6 +78,8 @@ def test_every_installed_engine_gives_eager_s_errors_on_the_same_images(tmp_path
     eager = evaluate_weights(str(path), data_dir=data, workers=0, device="cpu", batch_size=5, engine="eager")
     assert eager["engine"] == "eager"
     for engine in ["auto", *[e for e in ENGINES if e not in ("compile", "openvino-bf16") and not e.endswith("-int8")]]:
+        if engine == "auto" and native_bf16(torch.device("cpu")):
+            continue  # auto is openvino-bf16 here: not exact (its choice and bf16 check: tests/inference)
         try:
             got = evaluate_weights(str(path), data_dir=data, workers=0, device="cpu", batch_size=5, engine=engine)
         except DenseNetError as exc:  # an optional package that is not installed
