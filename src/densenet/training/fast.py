@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from densenet.devices import native_bf16
+
 # A run shorter than this many optimiser steps stays eager: compiling a DenseNet's training step costs about
 # 30-100 s on a 2-core CPU, the time of a few hundred eager steps of a CIFAR model.
 COMPILE_MIN_STEPS = 2000
@@ -146,17 +148,6 @@ def time_paths(model: torch.nn.Module, runtime: Runtime, input_shape: tuple[int,
     table = ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
     return replace(runtime, compile=compile_, channels_last=channels_last, timed=False, rates=rates,
                    reason=f"{runtime.reason}, timed fastest ({table} img/s)")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 natively (not emulated through fp32, which is slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:  # not Linux: do not guess
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def inductor_cache_dir() -> Path:
