@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from densenet.data.augment import channel_stats, normalize, pad_crop_flip
+from densenet.data.augment import TTA_VIEWS, channel_stats, normalize, pad_crop_flip, tta_views
 
 
 def test_pad_crop_flip_is_a_crop_of_the_padded_image_and_reproducible():
@@ -57,3 +57,25 @@ def test_small_crops_are_windows_of_the_padded_image_at_the_same_scale():
                        pad_crop_flip(x, torch.Generator().manual_seed(0), padding=1, size=8))  # full size: as before
     with pytest.raises(ValueError, match="does not fit"):
         pad_crop_flip(x, torch.Generator(), size=9)
+
+
+def test_flip_shift_views_are_the_normalised_windows_of_the_zero_padded_raw_image():
+    # Oracle: shift the raw uint8 image inside its zero padding (as a training crop does), then normalise.
+    x = torch.randint(0, 256, (3, 3, 6, 6), dtype=torch.uint8)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    fill = normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), mean, std).view(-1)
+    views = tta_views(normalize(x, mean, std), "flip-shift", fill)
+    assert views.shape == (3, TTA_VIEWS["flip-shift"], 3, 6, 6)
+    padded, mirror = torch.nn.functional.pad(x, (1, 1, 1, 1)), torch.nn.functional.pad(x.flip(-1), (1, 1, 1, 1))
+    expected = [x, x.flip(-1), padded[..., :6, :6], mirror[..., :6, :6], padded[..., 2:, 2:], mirror[..., 2:, 2:]]
+    for v, raw in enumerate(expected):
+        assert torch.allclose(views[:, v], normalize(raw, mean, std)), v
+    assert tta_views(normalize(x, mean, std), "flip", fill).shape[1] == TTA_VIEWS["flip"] == 2
+    assert torch.equal(tta_views(x, "none", fill)[:, 0], x)
+
+
+def test_views_of_views_multiply():  # ten-crop inputs (N, 10, C, H, W): each crop gets every view
+    crops = torch.randn(2, 10, 3, 5, 5)
+    views = tta_views(crops, "flip-shift", torch.zeros(3))
+    assert views.shape == (2, 60, 3, 5, 5)
+    assert torch.equal(views[:, 10:20], crops.flip(-1)) and torch.equal(views[:, :10], crops)

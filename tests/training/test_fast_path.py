@@ -153,6 +153,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
 
 class _Batches:
     channels_last = False
+    padding_value = torch.full((3,), -1.5)
 
     def __init__(self, x, y):
         self.x, self.y = x, y
@@ -179,6 +180,25 @@ def test_flip_tta_averages_the_softmax_of_image_and_mirror():
     assert stats.error == pytest.approx(100.0 * (probs.argmax(1) != y).float().mean().item())
     plain = evaluate(model, _Batches(x, y), torch.device("cpu"), Dist())
     assert plain.loss != pytest.approx(stats.loss)  # the mirror really changed something
+
+
+def test_flip_shift_tta_averages_the_softmax_over_six_views():
+    from densenet.training.distributed import Dist
+
+    torch.manual_seed(0)
+    model = create_model("densenet_bc10_k4", num_classes=4).eval()
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    stats = evaluate(model, _Batches(x, y), torch.device("cpu"), Dist(), tta="flip-shift")
+    views = []
+    for image in (x, x.flip(-1)):  # each of the image and its mirror, as is and moved by one pixel both ways
+        padded = F.pad(image, (1, 1, 1, 1), value=-1.5)  # _Batches.padding_value
+        views += [image, padded[..., :8, :8], padded[..., 2:, 2:]]
+    with torch.no_grad():
+        probs = sum(model(v).softmax(-1) for v in views) / 6
+    assert stats.loss == pytest.approx(F.nll_loss(probs.log(), y).item(), rel=1e-5)
+    assert stats.error == pytest.approx(100.0 * (probs.argmax(1) != y).float().mean().item())
+    flip = evaluate(model, _Batches(x, y), torch.device("cpu"), Dist(), tta="flip")
+    assert flip.loss != pytest.approx(stats.loss)  # the shifted views really changed something
 
 
 def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys):

@@ -8,6 +8,11 @@ so loading and augmenting never limit a step, and the randomness comes from one 
 The paper's C10+/C100+ augmentation ("standard"): zero-pad 4 pixels on each side, take a random
 H x W crop, flip horizontally with probability 1/2. A smaller crop (``size``) keeps the scale of the
 image and shows less of it: the cheap early epochs of progressive resizing (``--small-crop``).
+
+Test-time augmentation (``--tta``) averages the predictions over views of each normalised test image:
+``flip`` the image and its mirror image, ``flip-shift`` those two and each of them moved one pixel
+down-right and one up-left, the uncovered edge filled with what zero padding of the raw image becomes
+(the shifts a training crop makes, smaller).
 """
 
 from __future__ import annotations
@@ -43,6 +48,31 @@ def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4, 
     batch = torch.arange(n, device=images.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}
+
+
+def tta_views(images: Tensor, mode: str, fill: Tensor) -> Tensor:
+    """The views ``mode`` averages, (N, V, C, H, W), of a normalised (N, C, H, W) batch or of one that already
+    has views (N, V0, C, H, W): V = V0 x TTA_VIEWS[mode]. ``fill`` (C,) is the padded value per channel."""
+    views = images if images.dim() == 5 else images[:, None]
+    if mode == "none":
+        return views
+    views = torch.cat([views, views.flip(-1)], dim=1)
+    if mode == "flip-shift":
+        views = torch.cat([views, _shift(views, 1, fill), _shift(views, -1, fill)], dim=1)
+    return views
+
+
+def _shift(images: Tensor, step: int, fill: Tensor) -> Tensor:
+    """The images moved ``step`` pixels down and right (negative: up and left), the uncovered edge filled."""
+    out = fill.to(images.dtype).view(-1, 1, 1).expand(images.shape).clone()
+    if step > 0:
+        out[..., step:, step:] = images[..., :-step, :-step]
+    else:
+        out[..., :step, :step] = images[..., -step:, -step:]
+    return out
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype=torch.float32) -> Tensor:

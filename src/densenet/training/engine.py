@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from densenet.data.augment import normalize, pad_crop_flip
+from densenet.data.augment import normalize, pad_crop_flip, tta_views
 from densenet.data.datasets import Data, Split, worker_error_message
 from densenet.devices import autocast
 from densenet.errors import DenseNetError
@@ -108,6 +108,12 @@ class Batches:
                 x = pad_crop_flip(x, generator, self.crop_padding, self.crop_size)
             yield self._finish(normalize(x, self.data.mean, self.data.std)), self.split.labels[index].to(self.device)
 
+    @property
+    def padding_value(self) -> torch.Tensor:
+        """Per channel, what a zero (black) pixel of the raw images becomes once normalised."""
+        return normalize(torch.zeros(1, len(self.data.mean), 1, 1, dtype=torch.uint8), self.data.mean,
+                         self.data.std).view(-1).to(self.device)
+
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
@@ -171,8 +177,8 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
              amp: str = "none", *, forward: Callable | None = None, tta: str = "none") -> Stats:
     """Loss, top-1 and top-5 error (percent) over the whole split; ten-crop inputs (B, 10, C, H, W) averaged.
 
-    ``tta="flip"`` averages the softmax of each image and of its mirror image (left-right), as ten-crop does
-    for its crops. ``forward`` (default: ``model``) computes the logits.
+    ``tta`` ("flip", "flip-shift": data/augment.py) averages the softmax over views of each image, as ten-crop
+    does over its crops. ``forward`` (default: ``model``) computes the logits.
     """
     model.eval()
     forward = forward or model
@@ -180,8 +186,8 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
     start = time.perf_counter()
     for x, y in batches.epoch(0):
         crops = x.shape[1] if x.dim() == 5 else 0
-        if tta == "flip":
-            x = torch.stack([x, x.flip(-1)], dim=1) if not crops else torch.cat([x, x.flip(-1)], dim=1)
+        if tta != "none":
+            x = tta_views(x, tta, batches.padding_value)
             crops = x.shape[1]
         inputs = batches._finish(x.flatten(0, 1)) if crops else x
         with autocast(device, amp):

@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from densenet.data.augment import TTA_VIEWS
 from densenet.data.datasets import load_data
 from densenet.data.registry import DATASETS
 from densenet.devices import resolve_device
@@ -44,8 +45,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, default=4)
     add("--device", choices=["cpu", "cuda", "auto"], default="auto")
     add("--ten-crop", action="store_true", help="ImageNet/folders: average the ten crops (resize 256, crop 224)")
-    add("--tta", choices=["none", "flip"], default="none", help="flip: average the softmax of each image and its "
-        "mirror image (as densenet train --tta flip evaluates)")
+    add("--tta", choices=list(TTA_VIEWS), default="none", help="flip: average the softmax of each image and its "
+        "mirror image; flip-shift: also of both moved one pixel down-right and up-left (as densenet train --tta "
+        "evaluates)")
     add("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (default none: fp32)")
     add("--engine", choices=CHOICES, default="auto", help="how to run the network (default auto: OpenVINO "
         "bf16 on a CPU with native bf16, else OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; "
@@ -64,7 +66,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, allow_nan=False))  # valid JSON: a diverged model's errors are null
     elif not result["diverged"]:
-        crop = " (ten-crop)" if result["ten_crop"] else " (image and mirror averaged)" if args.tta == "flip" else ""
+        views = {"flip": " (image and mirror averaged)", "flip-shift": " (6 views averaged: flip-shift)"}
+        crop = " (ten-crop)" if result["ten_crop"] else views.get(args.tta, "")
         print(f"{result['model']} on {result['dataset']} test ({result['n']} images){crop}: "
               f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
               f"({result['engine']} engine)")

@@ -61,8 +61,9 @@ class TrainOptions:
                                                         "conv/linear weights only (not BN scales, biases)")
     label_smoothing: float = option(0.0, "cross-entropy against (1-EPS) one-hot + EPS uniform (default 0)",
                                     metavar="EPS")
-    tta: Literal["none", "flip"] = option("none", "test-time augmentation of every evaluation: flip averages the "
-                                          "softmax of each image and its mirror image (default none)")
+    tta: Literal["none", "flip", "flip-shift"] = option("none", "test-time augmentation of every evaluation: "
+        "flip averages the softmax of each image and its mirror image; flip-shift also of both moved one pixel "
+        "down-right and up-left (6 views; default none)")
     drop_rate: float | None = option(None, "dropout after each convolution (paper: 0.2 without augmentation)")
     augment: Literal["standard", "none"] | None = option(None, "standard: the paper's (pad-crop-flip; ImageNet: "
                                                          "fb.resnet.torch); default by data set")
