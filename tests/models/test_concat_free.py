@@ -1,9 +1,11 @@
-"""The concatenation-free standard block against torchvision's DenseNet: outputs, gradients, running stats."""
+"""The concatenation-free standard block against torchvision's DenseNet and the plain concatenation: outputs,
+gradients (float64: exact up to rounding), running stats, and its per-block storage."""
 
 import copy
 
 import pytest
 import torch
+import torch.utils.checkpoint
 import torchvision
 from torch import nn
 
@@ -90,3 +92,142 @@ def test_bf16_autocast_close_to_torchvision():
     ga = ours.features.conv0.weight.grad
     gb = reference.features.conv0.weight.grad
     assert torch.nn.functional.cosine_similarity(ga.flatten(), gb.flatten(), dim=0) > 0.99
+
+
+def _float64_pair(bottleneck, drop_rate):
+    torch.manual_seed(0)
+    model = densenet.DenseNet(growth_rate=4, block_config=(3, 2), bottleneck_width=4 if bottleneck else None,
+                              stem="cifar", num_classes=5, drop_rate=drop_rate).double()
+    with torch.no_grad():  # non-trivial BN parameters, so that a wrong scale or shift shows
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return model, copy.deepcopy(model)
+
+
+def _run(model, concat_free, monkeypatch, fn):
+    monkeypatch.setattr(densenet_module, "_concat_free", lambda t, on=concat_free: on)
+    return fn(model)
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "basic"])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.2])
+def test_float64_sgd_steps_equal_the_plain_concatenation(bottleneck, drop_rate, monkeypatch):
+    # The block's shared storage (BN1-ReLU outputs, one gradient buffer per block): every gradient, loss and BN
+    # buffer over two SGD-momentum steps equals the plain torch.cat block's, in float64.
+    ours, plain = _float64_pair(bottleneck, drop_rate)
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, plain)}
+    for step in range(2):
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+        y = torch.randint(0, 5, (4,))
+        results = []
+        for model, concat_free in ((ours, True), (plain, False)):
+            def fn(m, x=x, y=y, step=step):
+                xg = x.clone().requires_grad_()
+                torch.manual_seed(step)  # the same dropout masks
+                loss = torch.nn.functional.cross_entropy(m(xg), y)
+                loss.backward()
+                return loss.detach(), xg.grad
+            results.append(_run(model, concat_free, monkeypatch, fn))
+        (loss_a, grad_a), (loss_b, grad_b) = results
+        torch.testing.assert_close(loss_a, loss_b)
+        torch.testing.assert_close(grad_a, grad_b)
+        for (name, a), b in zip(ours.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, msg=lambda m, name=name: f"{name}: {m}")
+        for opt in opts.values():
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(ours.state_dict(), plain.state_dict())
+
+
+def test_maps_used_outside_the_block_and_retain_graph_get_exact_gradients(monkeypatch):
+    # Each map's gradient is handed to autograd only once the block's layers have added all of theirs: a map or
+    # block input that is also used elsewhere (here: caught by forward hooks, in the loss) must get the sum.
+    # And a second backward pass through a retained graph must find its saved tensors intact.
+    ours, plain = _float64_pair(bottleneck=True, drop_rate=0.0)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+
+    def fn(m):
+        extra = []
+        hooks = [m.features.denseblock1.denselayer2.conv2.register_forward_hook(lambda mod, i, o: extra.append(o)),
+                 m.features.denseblock2.register_forward_pre_hook(lambda mod, i: extra.append(i[0]))]
+        xg = x.clone().requires_grad_()
+        out = m(xg)
+        loss = out.square().sum() + sum((0.5 + i) * t.square().sum() for i, t in enumerate(extra))
+        loss.backward(retain_graph=True)
+        first = xg.grad.clone()
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        return first, xg.grad, {n: p.grad for n, p in m.named_parameters()}
+
+    first_a, grad_a, params_a = _run(ours, True, monkeypatch, fn)
+    first_b, grad_b, params_b = _run(plain, False, monkeypatch, fn)
+    torch.testing.assert_close(first_a, first_b)
+    torch.testing.assert_close(grad_a, grad_b)
+    torch.testing.assert_close(grad_a, 2 * first_a)
+    for name in params_a:
+        torch.testing.assert_close(params_a[name], params_b[name], msg=name)
+
+
+def test_loss_on_one_map_only(monkeypatch):
+    # The block's output is not in the loss, one layer's map is: the layers before it still get their gradients.
+    ours, plain = _float64_pair(bottleneck=True, drop_rate=0.0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+
+    def fn(m):
+        caught = []
+        hook = m.features.denseblock1.denselayer2.conv2.register_forward_hook(lambda mod, i, o: caught.append(o))
+        m(x)
+        hook.remove()
+        caught[0].square().sum().backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    grads_a = _run(ours, True, monkeypatch, fn)
+    grads_b = _run(plain, False, monkeypatch, fn)
+    assert grads_a.keys() == grads_b.keys() and "features.denseblock1.denselayer1.conv1.weight" in grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+
+
+def test_non_reentrant_checkpoint_of_a_block(monkeypatch):
+    # torch.utils.checkpoint packs the saved tensors away and recomputes them in the backward pass: the block
+    # must keep nothing else of them, and its gradients stay exact.
+    ours, plain = _float64_pair(bottleneck=True, drop_rate=0.0)
+    block_in = ours.features.denseblock1.in_channels
+    x = torch.randn(2, block_in, 8, 8, dtype=torch.float64)
+
+    def fn(m):
+        xg = x.clone().requires_grad_()
+        block = m.features.denseblock1
+        torch.utils.checkpoint.checkpoint(block, xg, use_reentrant=False).square().sum().backward()
+        return xg.grad, {n: p.grad for n, p in block.named_parameters()}
+
+    grad_a, params_a = _run(ours, True, monkeypatch, fn)
+    grad_b, params_b = _run(plain, False, monkeypatch, fn)
+    torch.testing.assert_close(grad_a, grad_b)
+    for name in params_a:
+        torch.testing.assert_close(params_a[name], params_b[name], msg=name)
+
+
+def test_bn_relu_outputs_share_one_storage_per_block():
+    # What the default allocator needs (docs/memory.md): the tensors of the block's growing width are not
+    # allocated one per layer. Every layer's saved BN1-ReLU output is a piece of one storage per block.
+    torch.manual_seed(0)
+    model = densenet.DenseNet(growth_rate=4, block_config=(3, 2), stem="cifar", num_classes=5)
+    out = model(torch.randn(2, 3, 8, 8))
+    storages, seen, stack = {}, set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_ConcatBatchNormReLUBackward":
+            x, y = node.saved_tensors[:2]  # the buffer's channels read, the BN1-ReLU output
+            assert y.is_contiguous() and not y._is_view() and not x._is_view()
+            storages.setdefault(y.shape[2], set()).add(y.untyped_storage().data_ptr())
+            storages.setdefault(("layers", y.shape[2]), set()).add(y.shape[1])
+        stack.extend(fn for fn, _ in node.next_functions)
+    assert len(storages[8]) == 1 and len(storages[("layers", 8)]) == 3
+    assert len(storages[4]) == 1 and len(storages[("layers", 4)]) == 2
+    assert storages[8] != storages[4]

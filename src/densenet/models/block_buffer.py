@@ -61,6 +61,27 @@ def batch_mean_var(t: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def per_channel(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def bn_affine(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """BN's transform as ATen computes it on the CPU: y = x * alpha + beta, alpha = weight / sqrt(var + eps),
+    beta = bias - mean * alpha; also returns invstd = 1 / sqrt(var + eps)."""
+    invstd = (var + bn.eps).sqrt().reciprocal()
+    alpha = invstd if weight is None else invstd * weight
+    beta = -mean * alpha if bias is None else bias - mean * alpha
+    return alpha, beta, invstd
+
+
+def normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, out: Tensor) -> Tensor:
+    """ReLU(BN(x)) with the given statistics (batch or running), written into ``out``: nothing of x's size is
+    allocated."""
+    alpha, beta, _ = bn_affine(bn, weight, bias, mean, var)
+    torch.addcmul(per_channel(beta), x, per_channel(alpha), out=out)
+    return out.relu_()
+
+
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
     """What a training-mode nn.BatchNorm2d forward does to its running statistics, given the batch's."""
     if not (bn.training and bn.track_running_stats and bn.running_mean is not None):

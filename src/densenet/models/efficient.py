@@ -48,7 +48,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from densenet.errors import DenseNetError
-from densenet.models.block_buffer import BlockBuffer, batch_mean_var, update_running_stats
+from densenet.models.block_buffer import (
+    BlockBuffer,
+    batch_mean_var,
+    bn_affine,
+    normalize_relu,
+    per_channel,
+    update_running_stats,
+)
 
 if TYPE_CHECKING:
     from densenet.models.densenet import DenseBlock, DenseLayer
@@ -125,28 +132,6 @@ def _autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
-
-
-def _per_channel(t: Tensor) -> Tensor:
-    return t.view(1, -1, 1, 1)
-
-
-def _affine(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """BN's transform as ATen computes it on the CPU: y = x * alpha + beta, alpha = weight / sqrt(var + eps),
-    beta = bias - mean * alpha; also returns invstd = 1 / sqrt(var + eps)."""
-    invstd = (var + bn.eps).sqrt().reciprocal()
-    alpha = invstd if weight is None else invstd * weight
-    beta = -mean * alpha if bias is None else bias - mean * alpha
-    return alpha, beta, invstd
-
-
-def _normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor,
-                    out: Tensor) -> Tensor:
-    """ReLU(BN(x)) with the given statistics (batch or running), written into ``out`` (a workspace view):
-    no tensor of x's size is allocated."""
-    alpha, beta, _ = _affine(bn, weight, bias, mean, var)
-    torch.addcmul(_per_channel(beta), x, _per_channel(alpha), out=out)
-    return out.relu_()
 
 
 class _Workspace:
@@ -228,7 +213,7 @@ def _pointwise_forward(inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean
     would otherwise store).
     """
     n, c, h, w = inp.shape
-    y = _normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
+    y = normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
     y = _cast_into(y, dtype, ws.wide_cast)
     w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
     mid = ws.mid.view(w2.shape[0])
@@ -303,10 +288,10 @@ def _forward(layers, x: Tensor, params: list, save: bool):
                     update_running_stats(layer.norm2, mean2, var2, count)
                 else:
                     mean2, var2 = layer.norm2.running_mean, layer.norm2.running_var
-                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
+                y = normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
                 record += [mask1, mean2, var2]
             else:
-                y = _normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.y.view(c))
+                y = normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.y.view(c))
             new = _conv(_cast_into(y, conv_dtype, ws.cast), lp[-1], layer.conv2, conv_dtype)
             del y
             mask2 = _dropout_(new, layer.drop_rate) if layer.drop_rate > 0 and layer.training else None
@@ -346,15 +331,15 @@ def _bn_backward_(grad: Tensor, inp: Tensor, bn: nn.BatchNorm2d, weight, mean: T
     dims = (0, 2, 3)
     invstd = (var + bn.eps).sqrt().reciprocal()
     sum_dy = grad.sum(dims, dtype=mean.dtype)
-    torch.sub(inp, _per_channel(mean), out=scratch)
+    torch.sub(inp, per_channel(mean), out=scratch)
     dotp = scratch.mul_(grad).sum(dims, dtype=mean.dtype)
     scale = invstd if weight is None else invstd * weight
     if batch:
         count = grad.numel() // grad.shape[1]
-        torch.sub(inp, _per_channel(mean), out=scratch)
-        scratch.mul_(_per_channel(dotp * invstd * invstd / count))
-        grad.sub_(_per_channel(sum_dy / count)).sub_(scratch)
-    grad.mul_(_per_channel(scale))
+        torch.sub(inp, per_channel(mean), out=scratch)
+        scratch.mul_(per_channel(dotp * invstd * invstd / count))
+        grad.sub_(per_channel(sum_dy / count)).sub_(scratch)
+    grad.mul_(per_channel(scale))
     grad_weight = None if weight is None else (dotp * invstd).to(weight.dtype)
     return grad, grad_weight, sum_dy
 
@@ -391,7 +376,7 @@ def _pointwise_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, b
     """
     n, c = inp.shape[:2]
     acc = mean.dtype
-    alpha, beta, invstd = _affine(bn, bn_weight, bn_bias, mean, var)
+    alpha, beta, invstd = bn_affine(bn, bn_weight, bn_bias, mean, var)
     alpha3, beta3, mean3 = alpha.view(-1, 1, 1), beta.view(-1, 1, 1), mean.view(-1, 1, 1)
     w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -461,7 +446,7 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 mid = _pointwise_forward(inp, first_bn, lp[0], lp[1], mean, var, lp[2], conv_dtype, ws,
                                          channels_last)
                 _redrop_(mid, mask1, layer.drop_rate)
-                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
+                y = normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
                 g, grad_params[p + 5] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
                 g = aten.threshold_backward(g.to(y.dtype), y, 0)
                 del y
@@ -475,7 +460,7 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 del g
                 continue
             # A basic layer: the BN-ReLU over the block's c maps and its gradient in the full-batch workspaces.
-            y = _normalize_relu(inp, layer.norm2, lp[0], lp[1], mean, var, ws.y.view(c))
+            y = normalize_relu(inp, layer.norm2, lp[0], lp[1], mean, var, ws.y.view(c))
             gy = ws.grad.view(c)
             g_in, grad_params[p + 2] = _conv_backward(g, y, lp[2], layer.conv2, conv_dtype)
             gy.copy_(g_in)
