@@ -18,7 +18,8 @@ checkpointing) and torchvision's standard DenseNet, both built to the same archi
   after a warm-up round, default allocator; the median seconds per step of --repeats rounds.
 
 Results accumulate in a JSON file (so the benchmark can be run in pieces); the Markdown table and the plot
-of memory against depth are rewritten from all its records each run.
+of memory against depth are rewritten from all its records each run, and the Markdown file's hand-written
+part, from its "## Notes" heading on, is kept.
 
     densenet bench memory                                    # the full default set (about 15 minutes)
     densenet bench memory --depths 40 100 --growth-rate 12 --batch-size 16
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             print(_line(record), flush=True)
         # Written after every model, so that an interrupted run keeps what it measured.
         all_records = _merge(args.results, records)
-        _write(args.markdown, format_markdown(all_records))
+        _write(args.markdown, format_markdown(all_records) + kept_notes(args.markdown))
         if args.plot:
             plot(all_records, args.plot)
     print(f"wrote {args.results}, {args.markdown}" + (f", {args.plot}" if args.plot else ""))
@@ -256,6 +257,13 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written part of an existing Markdown file, from its first "## Notes" heading on (kept by a rerun)."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find("\n## Notes")
+    return "\n" + text[start + 1:] if start >= 0 else ""
 
 
 def _depth(name: str) -> int:
