@@ -79,3 +79,16 @@ def test_views_of_views_multiply():  # ten-crop inputs (N, 10, C, H, W): each cr
     views = tta_views(crops, "flip-shift", torch.zeros(3))
     assert views.shape == (2, 60, 3, 5, 5)
     assert torch.equal(views[:, 10:20], crops.flip(-1)) and torch.equal(views[:, :10], crops)
+
+
+def test_train_and_evaluate_offer_exactly_the_tta_modes_that_have_views():
+    import argparse
+    import typing
+
+    from densenet.training.evaluate import add_evaluate_arguments
+    from densenet.training.options import TrainOptions
+
+    assert typing.get_args(typing.get_type_hints(TrainOptions)["tta"]) == tuple(TTA_VIEWS)
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    assert next(a for a in parser._actions if a.dest == "tta").choices == list(TTA_VIEWS)
