@@ -71,6 +71,15 @@ def native_bf16(device: torch.device) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a CPU has nothing to wait for): before and
+    after anything timed."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def matmul_peak(device: torch.device, precision: str, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the fastest of ``repeats`` (size x size) @ (size x size) products at this precision: the yardstick
     every benchmark prints beside its figures (far below the machine's usual, something else was running)."""
@@ -78,19 +87,15 @@ def matmul_peak(device: torch.device, precision: str, size: int = 2048, repeats:
 
     import torch
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
-        sync()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best

@@ -172,6 +172,8 @@ def _worker(kind: str, spec_json: str) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (see the module docstring)
     import torch
 
+    from densenet.devices import synchronize
+
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     device = torch.device(spec["device"])
@@ -179,10 +181,9 @@ def _worker(kind: str, spec_json: str) -> None:
     x = torch.randn(spec["batch"], 3, spec["size"], spec["size"], device=device)
     y = torch.randint(0, 10, (spec["batch"],), device=device)
     steps = {mode: _step_fn(build(spec["model"], mode).to(device), x, y) for mode in modes}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if kind == "memory":
         step = steps[spec["mode"]]
-        sync()
+        synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -194,7 +195,7 @@ def _worker(kind: str, spec_json: str) -> None:
         start = time.perf_counter()
         for _ in range(2):
             step()
-        sync()
+        synchronize(device)
         seconds = (time.perf_counter() - start) / 2
         if device.type == "cuda":
             allocated = torch.cuda.max_memory_allocated(device) - base
@@ -204,7 +205,7 @@ def _worker(kind: str, spec_json: str) -> None:
             result = dict(peak_mb=(_rss("VmHWM") - base) / 2**20)
         print(json.dumps(dict(result, before_mb=base / 2**20, memory_step_seconds=seconds)))
         return
-    from densenet.bench.speed import matmul_peak
+    from densenet.devices import matmul_peak
 
     # The CPU's fp32 matmul rate before and after the timed rounds: far below the machine's usual figure means
     # other work shared the cores, and the step times with it.
@@ -212,10 +213,10 @@ def _worker(kind: str, spec_json: str) -> None:
     samples: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_ in range(spec["repeats"] + 1):
         for mode in modes:
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             steps[mode]()
-            sync()
+            synchronize(device)
             if round_:  # round 0 is the warm-up
                 samples[mode].append(time.perf_counter() - start)
     peaks.append(matmul_peak(device, "fp32"))

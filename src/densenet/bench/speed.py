@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from densenet.analysis.complexity import count_macs, default_input_size
-from densenet.devices import autocast, matmul_peak, resolve_device
+from densenet.devices import autocast, matmul_peak, resolve_device, synchronize
 from densenet.errors import ConfigError
 from densenet.inference.engines import ENGINES, build_engine
 from densenet.models.compat import torchvision_reference
@@ -83,11 +83,6 @@ class TaskResult:
         self.paired_ratio = (statistics.median(rounds), min(rounds), max(rounds))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
                  inner: int = 1) -> dict[str, list[float]]:
     """Time each call ``repeats`` times, alternating the order every round (ABBA...) after ``warmup`` rounds."""
@@ -95,11 +90,11 @@ def _interleaved(calls: dict[str, Callable[[], object]], device: torch.device, w
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
         for name in names if round_ % 2 == 0 else reversed(names):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(inner):
                 calls[name]()
-            _sync(device)
+            synchronize(device)
             if round_ >= warmup:
                 samples[name].append((time.perf_counter() - start) / inner)
     return samples
