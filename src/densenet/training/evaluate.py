@@ -133,7 +133,7 @@ def _first_test_images(data, count: int) -> torch.Tensor:
     if hasattr(data.test, "images"):  # in memory: uint8, normalised as in training
         return normalize(data.test.images[:count], data.mean, data.std)
     images = torch.stack([data.test[i][0] for i in range(count)])
-    return images.flatten(0, 1) if images.dim() == 5 else images  # ten crops: one image each, as evaluate does
+    return images.flatten(0, 1)[:count] if images.dim() == 5 else images  # ten crops: evaluate feeds one at a time
 
 
 def _calibration(dataset: str, data_dir: str | None, meta: dict, count: int = 512) -> torch.Tensor:

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import yaml
 
-from densenet.data.augment import TTA_VIEWS
 from densenet.data.datasets import Data, load_data, subset
 from densenet.devices import resolve_device
 from densenet.errors import ConfigError, DenseNetError
@@ -217,10 +216,10 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
                                   channels_last=runtime.channels_last)
                     for name, split in (("val", data.val), ("test", data.test)) if split is not None}
     train_forward = eval_forward = None
-    if runtime.compile:  # one graph per mode; evaluation batches are twice the size, times the TTA views
+    if runtime.compile:  # one graph per mode; evaluation batches are twice the size (one view at a time)
         say = _say if info.is_main else lambda _: None
         train_forward = fast.StaticBatchModule(net, {per_rank}, say=say)
-        eval_forward = fast.StaticBatchModule(model, {per_rank * 2 * TTA_VIEWS[options.tta]}, say=say)
+        eval_forward = fast.StaticBatchModule(model, {per_rank * 2}, say=say)
     if run_dir is None:  # only rank 0 writes (or checks) the folder; a rank checking after rank 0 wrote would fail
         run_dir = (run_folder.new_run_dir(options.out, options.dataset, options.model) if info.is_main
                    else Path(options.out or "runs"))
