@@ -125,6 +125,54 @@ def test_channels_last(bottleneck):
     _assert_grads_equal(standard, efficient)
 
 
+@pytest.mark.parametrize("part_bytes", [1, 1 << 30], ids=["one_sample", "half_batch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_backward_in_parts_of_the_batch(monkeypatch, channels_last, part_bytes):
+    # The bottleneck's backward pass takes the batch a few samples at a time (efficient._PART_BYTES): one
+    # sample, or at most half the batch, here 2 + 2 + 1 of 5 samples (a shorter last part).
+    from densenet.models import efficient as eff_module
+
+    monkeypatch.setattr(eff_module, "_PART_BYTES", part_bytes)
+    parts = []
+    backward = eff_module._pointwise_backward
+    monkeypatch.setattr(eff_module, "_pointwise_backward",
+                        lambda *a: parts.append(a[-2].samples) or backward(*a))
+    standard, efficient = _pair(drop_rate=0.2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for m in (standard, efficient):
+        m.to(memory_format=fmt)
+    x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=fmt), torch.randint(0, 5, (5,))
+    loss_a, grad_a = _step(standard, x, y, 0)
+    loss_b, grad_b = _step(efficient, x, y, 0)
+    assert set(parts) == {1 if part_bytes == 1 else 2}
+    torch.testing.assert_close(loss_b, loss_a)
+    torch.testing.assert_close(grad_b, grad_a)
+    _assert_grads_equal(standard, efficient)
+
+
+@pytest.mark.parametrize("mean", [0.5, 8.0])
+def test_bf16_batch_norm_relu_rounds_about_once(mean):
+    # Under bf16 autocast the BN-ReLU runs with its per-channel factors in bf16 (mixed with float32 ones, every
+    # op would copy its bf16 operands to float32 first), centred on the rounded mean: within 2x the error of
+    # rounding the exact result once, also 8 standard deviations from zero (x * alpha + beta with beta rounded
+    # to bf16: 10x there).
+    from densenet.models.efficient import _normalize_relu
+
+    torch.manual_seed(0)
+    x = (torch.randn(8, 16, 8, 8) + mean).bfloat16()
+    mu, var = x.double().mean((0, 2, 3)), x.double().var((0, 2, 3), unbiased=False)
+    weight, bias = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64) * 0.3
+    bn = torch.nn.BatchNorm2d(16)
+    exact = F.relu(F.batch_norm(x.double(), mu, var, weight, bias, eps=bn.eps))
+    out = _normalize_relu(x, bn, weight.float(), bias.float(), mu.float(), var.float(), torch.empty_like(x))
+    assert out.dtype == torch.bfloat16
+
+    def rms_error(t):
+        return (t.double() - exact).pow(2).mean().sqrt()
+
+    assert rms_error(out) < 2 * rms_error(exact.bfloat16())
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_bf16_autocast(channels_last):
     standard, efficient = _pair(dtype=torch.float32, drop_rate=0.1)

@@ -18,9 +18,9 @@ DenseNets", 2017). Here instead
   once per block and pass, sized for the widest layer. Torch's kernels would return a new tensor of
   (N, C_in + l*k, H, W) at every layer l; glibc's default allocator cannot reuse the freed smaller ones
   for the next larger one and keeps them, so a user's process grew to 39% of the standard mode's peak
-  instead of the ~21% its live tensors need. In bottleneck layers the first BN-ReLU and the 1x1 convolution
-  run one sample at a time, forward and backward (_pointwise_forward, _pointwise_backward), so the BN-ReLU
-  output over the block's width and its gradient need one-sample workspaces only.
+  instead of the ~21% its live tensors need. In bottleneck layers the backward pass of the first BN-ReLU
+  and the 1x1 convolution runs a few samples at a time (_pointwise_backward), so the recomputed BN-ReLU
+  output over the block's width and its gradient take two parts of the forward pass's workspace.
 
 The batch statistics of a channel never change once it is written, so each channel's batch mean and
 variance are computed once, when it enters the buffer, and every later layer's BN1 reuses them (the
@@ -52,7 +52,6 @@ from densenet.models.block_buffer import (
     BlockBuffer,
     batch_mean_var,
     bn_affine,
-    normalize_relu,
     per_channel,
     update_running_stats,
 )
@@ -64,8 +63,8 @@ aten = torch.ops.aten
 
 
 # torch.compile runs the block eagerly between the compiled pieces of the model (stem, transitions, head):
-# inductor would not keep the shared buffer, the workspaces or the per-sample loops, and the savings are
-# what the mode is for.
+# inductor would not keep the shared buffer, the workspaces or the loops over parts of the batch, and the
+# savings are what the mode is for.
 @torch.compiler.disable
 def efficient_block_forward(block: DenseBlock, x: Tensor) -> Tensor:
     """The output of ``block`` for input ``x`` (all maps, concatenated), computed in one shared buffer."""
@@ -167,20 +166,21 @@ class _Workspaces:
 
     ``wide``: the full batch at the block's width, for the BN-ReLU output over the block's maps (``wide_cast``:
     its conv-dtype copy under autocast); in basic layers ``grad`` holds its gradient, in bottleneck layers
-    the backward pass runs one sample at a time (_pointwise_backward) in ``sample`` and ``sample_grad``, two
-    one-sample parts of ``wide``'s storage, free by then. ``mid`` (bottleneck output) and ``y`` (second
-    BN-ReLU; in basic layers ``y`` is ``wide``), ``cast``: at the bottleneck's width.
+    the backward pass runs a few samples at a time (_pointwise_backward) in ``part`` and ``part_grad``, two
+    parts of ``samples`` samples each of ``wide``'s storage, free by then. ``mid`` (bottleneck output) and
+    ``y`` (second BN-ReLU; in basic layers ``y`` is ``wide``), ``cast``: at the bottleneck's width.
     """
 
     def __init__(self, layers, buffer: Tensor, c_in: int, growth: int, conv_dtype: torch.dtype,
                  channels_last: bool, backward: bool) -> None:
         widest = c_in + (len(layers) - 1) * growth
         dtype, cast = buffer.dtype, conv_dtype != buffer.dtype
-        pairs = buffer if buffer.shape[0] >= 2 else buffer.expand(2, -1, -1, -1)  # room for the two samples
+        pairs = buffer if buffer.shape[0] >= 2 else buffer.expand(2, -1, -1, -1)  # room for the two parts
         self.wide = _Workspace(pairs, widest, dtype, channels_last)
         self.wide.shape = (buffer.shape[0], *self.wide.shape[1:])
         self.wide_cast = _Workspace(pairs, widest, conv_dtype, channels_last) if cast else None
-        self.grad = self.mid = self.sample = self.sample_grad = self.sample_cast = None
+        self.grad = self.mid = self.part = self.part_grad = self.part_cast = None
+        self.samples = 0
         if not layers[0].bottleneck:
             self.y, self.cast = self.wide, self.wide_cast
             self.grad = _Workspace(buffer, widest, dtype, channels_last) if backward else None
@@ -190,17 +190,21 @@ class _Workspaces:
         self.y = _Workspace(buffer, width, dtype, channels_last)
         self.cast = _Workspace(buffer, width, conv_dtype, channels_last) if cast else None
         if backward:
-            one, per_sample = buffer[:1], self.wide.storage.numel() // pairs.shape[0]
-            self.sample = _Workspace(one, widest, dtype, channels_last, self.wide.storage)
-            self.sample_grad = _Workspace(one, widest, dtype, channels_last, self.wide.storage[per_sample:])
+            per_sample = self.wide.storage.numel() // pairs.shape[0]
+            self.samples = max(1, min(pairs.shape[0] // 2, _PART_BYTES // (per_sample * dtype.itemsize)))
+            part = pairs[:self.samples]
+            self.part = _Workspace(part, widest, dtype, channels_last, self.wide.storage)
+            self.part_grad = _Workspace(part, widest, dtype, channels_last,
+                                        self.wide.storage[self.samples * per_sample:])
             if cast:
-                self.sample_cast = _Workspace(one, widest, conv_dtype, channels_last, self.wide_cast.storage)
+                self.part_cast = _Workspace(part, widest, conv_dtype, channels_last, self.wide_cast.storage)
 
 
-def _matrix(t: Tensor, channels_last: bool) -> Tensor:
-    """One sample's (channels, H, W) as a matrix over its memory layout (a view): rows are pixels in
-    channels_last, channels in NCHW."""
-    return t.permute(1, 2, 0).reshape(-1, t.shape[0]) if channels_last else t.reshape(t.shape[0], -1)
+# The bottleneck's backward pass (_pointwise_backward) takes the batch in parts of about this many bytes of
+# the block-width workspace (at most half the batch: two parts share its storage). One sample at a time, the
+# small maps of the last blocks made each call's overhead count; and a part in channels_last is one
+# (pixels, channels) matrix, one matrix product. The parts are pieces of a workspace that exists anyway.
+_PART_BYTES = 4 << 20
 
 
 def _pointwise_forward(inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor, var: Tensor,
@@ -213,7 +217,7 @@ def _pointwise_forward(inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean
     would otherwise store).
     """
     n, c, h, w = inp.shape
-    y = normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
+    y = _normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
     y = _cast_into(y, dtype, ws.wide_cast)
     w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
     mid = ws.mid.view(w2.shape[0])
@@ -223,6 +227,40 @@ def _pointwise_forward(inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean
     else:  # (width, c) @ (n, c, pixels)
         torch.matmul(w2, y.reshape(n, c, h * w), out=mid.view(n, -1, h * w))
     return mid
+
+
+def _bn_factors(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, like: Tensor):
+    """BN's per-channel transform for maps like ``like``: ReLU(BN(x)) = ReLU((x - center) * scale + shift).
+
+    Under bf16 autocast the block's maps are bf16 and BN's statistics float32. An element-wise op that mixes
+    them computes in float32, and on a CPU it first copies each bf16 operand to a new float32 tensor and
+    writes through a float32 temporary: in a bf16 channels_last training step those hidden copies (of
+    strided slices of the buffer) took half the time (2026-11-30). So the factors are given in the maps'
+    dtype, and each op is one pass that allocates nothing. The rounded mean is taken off first: as
+    x * alpha + beta, the rounding of beta = bias - mean * alpha would shift each channel by up to
+    |mean * alpha| * 2^-9 (up to 10x the error of rounding a float32 result once, at mean/std 8); centred,
+    the shift, bias + (center - mean) * alpha, is about the bias, and so is its rounding. In float32 and
+    float64, center is None and this is x * alpha + beta, as block_buffer.normalize_relu.
+    Returns center (None or a per-channel view), scale and shift (per-channel views) and invstd.
+    """
+    alpha, beta, invstd = bn_affine(bn, weight, bias, mean, var)
+    if like.dtype == alpha.dtype:
+        return None, per_channel(alpha), per_channel(beta), invstd
+    center = mean.to(like.dtype)
+    shift = beta + center.to(alpha.dtype) * alpha
+    return per_channel(center), per_channel(alpha.to(like.dtype)), per_channel(shift.to(like.dtype)), invstd
+
+
+def _normalize_relu_(x: Tensor, factors, out: Tensor) -> Tensor:
+    """ReLU(BN(x)) with the factors of _bn_factors, written into ``out``."""
+    center, scale, shift, _ = factors
+    if center is None:
+        return torch.addcmul(shift, x, scale, out=out).relu_()
+    return torch.addcmul(shift, torch.sub(x, center, out=out), scale, out=out).relu_()
+
+
+def _normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, out: Tensor) -> Tensor:
+    return _normalize_relu_(x, _bn_factors(bn, weight, bias, mean, var, x), out)
 
 
 def _cast_into(t: Tensor, dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
@@ -288,10 +326,10 @@ def _forward(layers, x: Tensor, params: list, save: bool):
                     update_running_stats(layer.norm2, mean2, var2, count)
                 else:
                     mean2, var2 = layer.norm2.running_mean, layer.norm2.running_var
-                y = normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
+                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
                 record += [mask1, mean2, var2]
             else:
-                y = normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.y.view(c))
+                y = _normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.y.view(c))
             new = _conv(_cast_into(y, conv_dtype, ws.cast), lp[-1], layer.conv2, conv_dtype)
             del y
             mask2 = _dropout_(new, layer.drop_rate) if layer.drop_rate > 0 and layer.training else None
@@ -363,55 +401,65 @@ def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Conv2d, d
 def _pointwise_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor,
                         var: Tensor, batch: bool, weight: Tensor, dtype: torch.dtype, grad: Tensor,
                         ws: _Workspaces, channels_last: bool):
-    """The backward pass of conv1x1(ReLU(BN(x))) over the block's c maps, one sample at a time.
+    """The backward pass of conv1x1(ReLU(BN(x))) over the block's c maps, a few samples at a time.
 
     ``g`` is the gradient of the 1x1 convolution's output. The recomputed BN-ReLU output is needed only
-    sample by sample (for the weight gradient, the ReLU mask, BN's x - mean), so it lives in a ONE-SAMPLE
-    workspace: the full-batch copy the report's shared storage would hold is never materialized. So does
-    the BN-ReLU's input gradient gy: BN's input gradient, (gy - sum(gy)/M - (x - mean) * k) * invstd * weight
-    (ATen's CPU formulas, see _bn_backward_), is linear in gy, so each sample's gy * invstd * weight goes
-    into the block gradient ``grad[:, :c]`` at once, and the batch-statistics terms follow in a second pass
-    over the samples, once the batch sums are known.
+    part by part (for the weight gradient, the ReLU mask, BN's x - mean), so it lives in a workspace of
+    ``ws.samples`` samples: the full-batch copy the report's shared storage would hold is never materialized.
+    So does the BN-ReLU's input gradient gy: BN's input gradient, (gy - sum(gy)/M - (x - mean) * k) * invstd *
+    weight (ATen's CPU formulas, see _bn_backward_), is linear in gy, so each part's gy * invstd * weight goes
+    into the block gradient ``grad[:, :c]`` at once, and the batch-statistics terms follow in a second pass,
+    once the batch sums are known.
     Returns the gradients of the convolution weight, the BN weight and the BN bias.
     """
-    n, c = inp.shape[:2]
+    n, c, h, w = inp.shape
     acc = mean.dtype
-    alpha, beta, invstd = bn_affine(bn, bn_weight, bn_bias, mean, var)
-    alpha3, beta3, mean3 = alpha.view(-1, 1, 1), beta.view(-1, 1, 1), mean.view(-1, 1, 1)
+    factors = _bn_factors(bn, bn_weight, bn_bias, mean, var, inp)
+    center, scale, _, invstd = factors
+    center = per_channel(mean) if center is None else center
     w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
+    width = w2.shape[0]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = g.to(dtype).contiguous(memory_format=fmt)
-    y = ws.sample.view(c)[0]
-    y_c = y if ws.sample_cast is None else ws.sample_cast.view(c)[0]
-    gy = ws.sample_grad.view(c)[0]
-    grad_w = None
+    # The weight gradient sums over the batch in float32 at least: summed in bf16, part after part, it would
+    # keep 8 bits of each part's sum.
+    grad_w = torch.zeros(width, c, dtype=torch.promote_types(dtype, torch.float32), device=inp.device)
     sum_dy = torch.zeros(c, dtype=acc, device=inp.device)
     dotp = torch.zeros(c, dtype=acc, device=inp.device)
-    for i in range(n):
-        torch.addcmul(beta3, inp[i], alpha3, out=y).relu_()
+    for start in range(0, n, ws.samples):
+        rows = slice(start, min(start + ws.samples, n))
+        m = rows.stop - rows.start
+        x, gm = inp[rows], g[rows]
+        y, gy = ws.part.view(c)[:m], ws.part_grad.view(c)[:m]
+        y_c = y if ws.part_cast is None else ws.part_cast.view(c)[:m]
+        _normalize_relu_(x, factors, out=y)
         if y_c is not y:
             y_c.copy_(y)
-        g2, y2, gy2 = _matrix(g[i], channels_last), _matrix(y_c, channels_last), _matrix(gy, channels_last)
-        out = gy2 if y_c is y else y2  # under autocast: y_c is free once grad_w has it
-        if channels_last:  # rows: pixels
-            grad_w = torch.mm(g2.t(), y2) if grad_w is None else grad_w.addmm_(g2.t(), y2)
-            torch.mm(g2, w2, out=out)
-        else:  # rows: channels
-            grad_w = torch.mm(g2, y2.t()) if grad_w is None else grad_w.addmm_(g2, y2.t())
-            torch.mm(w2.t(), g2, out=out)
-        if y_c is not y:
-            gy2.copy_(out)
+        out = gy if y_c is y else y_c  # under autocast: y_c is free once grad_w has it
+        if channels_last:  # the part is one (pixels, channels) matrix: one product each
+            g2 = gm.permute(0, 2, 3, 1).reshape(-1, width)
+            grad_w += torch.mm(g2.t(), y_c.permute(0, 2, 3, 1).reshape(-1, c))
+            torch.mm(g2, w2, out=out.permute(0, 2, 3, 1).view(-1, c))
+        else:  # one (channels, pixels) matrix per sample
+            g3 = gm.reshape(m, width, h * w)
+            grad_w += torch.bmm(g3, y_c.view(m, c, h * w).transpose(1, 2)).sum(0, dtype=grad_w.dtype)
+            torch.matmul(w2.t(), g3, out=out.view(m, c, h * w))
+        if out is not gy:
+            gy.copy_(out)
         aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
-        sum_dy += gy.sum((1, 2), dtype=acc)
-        torch.sub(inp[i], mean3, out=y)
-        dotp += y.mul_(gy).sum((1, 2), dtype=acc)
-        grad[i, :c].addcmul_(gy, alpha3)
-    if batch:
-        count = n * inp.shape[2] * inp.shape[3]
-        k3, mean_dy3 = (dotp * invstd * invstd / count).view(-1, 1, 1), (sum_dy / count).view(-1, 1, 1)
-        for i in range(n):
-            torch.sub(inp[i], mean3, out=y).mul_(k3).add_(mean_dy3)
-            grad[i, :c].addcmul_(y, alpha3, value=-1)
+        sum_dy += gy.sum((0, 2, 3), dtype=acc)
+        torch.sub(x, center, out=y)
+        dotp += y.mul_(gy).sum((0, 2, 3), dtype=acc)
+        grad[rows, :c].addcmul_(gy, scale)
+    # dotp is sum((x - center) * gy): with the mean rounded to the maps' dtype (_bn_factors), the rounding's
+    # share is exactly (mean - center) * sum_dy, taken off here.
+    center_acc, scale_acc = center.flatten().to(acc), scale.flatten().to(acc)
+    dotp += (center_acc - mean) * sum_dy
+    if batch:  # grad -= alpha * ((x - mean) * k + sum_dy / count), as (x - center) * a + b, in the workspace
+        k = dotp * invstd * invstd / (n * h * w)
+        a, b = -scale_acc * k, -scale_acc * ((center_acc - mean) * k + sum_dy / (n * h * w))
+        t = torch.sub(inp, center, out=ws.wide.view(c))
+        grad[:, :c].addcmul_(t, per_channel(a.to(t.dtype))).add_(per_channel(b.to(t.dtype)))
     grad_bn_weight = None if bn_weight is None else (dotp * invstd).to(bn_weight.dtype)
     grad_bn_bias = None if bn_bias is None else sum_dy.to(bn_bias.dtype)
     return grad_w.view_as(weight).to(weight.dtype), grad_bn_weight, grad_bn_bias
@@ -446,7 +494,7 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 mid = _pointwise_forward(inp, first_bn, lp[0], lp[1], mean, var, lp[2], conv_dtype, ws,
                                          channels_last)
                 _redrop_(mid, mask1, layer.drop_rate)
-                y = normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
+                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
                 g, grad_params[p + 5] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
                 g = aten.threshold_backward(g.to(y.dtype), y, 0)
                 del y
@@ -460,7 +508,7 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 del g
                 continue
             # A basic layer: the BN-ReLU over the block's c maps and its gradient in the full-batch workspaces.
-            y = normalize_relu(inp, layer.norm2, lp[0], lp[1], mean, var, ws.y.view(c))
+            y = _normalize_relu(inp, layer.norm2, lp[0], lp[1], mean, var, ws.y.view(c))
             gy = ws.grad.view(c)
             g_in, grad_params[p + 2] = _conv_backward(g, y, lp[2], layer.conv2, conv_dtype)
             gy.copy_(g_in)
