@@ -156,6 +156,22 @@ def test_bf16_channels_last_memory_efficient_train(tmp_path):
     assert float(rows(tmp_path / "r")[0]["train_loss"]) > 0
 
 
+@pytest.mark.parametrize("efficient", [False, True])
+def test_memory_efficient_runs_evaluate_at_the_training_batch_size(efficient, monkeypatch, tmp_path):
+    # Evaluation batches are twice the training batch, except where the user asked for less memory: there
+    # they would set the process's peak (train.eval_size).
+    from densenet.models.densenet import DenseNet
+
+    sizes = []
+    real = DenseNet.forward
+    monkeypatch.setattr(DenseNet, "forward", lambda self, x: sizes.append((self.training, x.shape[0]))
+                        or real(self, x))
+    flags = ["--memory-efficient"] if efficient else []
+    assert train("--epochs", 1, "--batch-size", 64, "--eager", *flags, "--out", tmp_path / "r") == 0
+    assert max(n for training, n in sizes if training) == 64
+    assert max(n for training, n in sizes if not training) == (64 if efficient else 128)
+
+
 def test_evaluate_errors(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err

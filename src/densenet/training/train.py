@@ -83,6 +83,16 @@ def _build_model(options: TrainOptions, data: Data) -> torch.nn.Module:
     return model
 
 
+def eval_size(options: TrainOptions, per_rank: int) -> int:
+    """Images per evaluation batch on one process: twice the training batch (no gradients are kept), except
+    with --memory-efficient. There the evaluation would set the process's peak: the transitions of a plain
+    forward pass hold a block's output, its BN-ReLU and the convolution's output at once (for DenseNet-BC-250
+    k=24 at 128 images, 541 MB each after the first block), and the batch-64 training process measured 3.1 GB
+    in its training steps but up to 4.2 GB in evaluation batches of 128 (docs/memory.md). A user who asked for
+    less memory gets evaluation batches of the training batch's size."""
+    return per_rank if options.memory_efficient else per_rank * 2
+
+
 def _metadata(options: TrainOptions, data: Data, model: torch.nn.Module) -> dict[str, Any]:
     return {"model": options.model, "config": dict(model.config), "classes": list(data.classes),
             "mean": list(data.mean), "std": list(data.std), "input_size": int(data.input_size),
@@ -212,14 +222,14 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     train_batches.channels_last = runtime.channels_last
-    eval_batches = {name: Batches(data, split, per_rank * 2, info, device, train=False, workers=options.workers,
-                                  channels_last=runtime.channels_last)
+    eval_batches = {name: Batches(data, split, eval_size(options, per_rank), info, device, train=False,
+                                  workers=options.workers, channels_last=runtime.channels_last)
                     for name, split in (("val", data.val), ("test", data.test)) if split is not None}
     train_forward = eval_forward = None
-    if runtime.compile:  # one graph per mode; evaluation batches are twice the size (one view at a time)
+    if runtime.compile:  # one graph per mode (evaluation: one view at a time, of eval_size)
         say = _say if info.is_main else lambda _: None
         train_forward = fast.StaticBatchModule(net, {per_rank}, say=say)
-        eval_forward = fast.StaticBatchModule(model, {per_rank * 2}, say=say)
+        eval_forward = fast.StaticBatchModule(model, {eval_size(options, per_rank)}, say=say)
     if run_dir is None:  # only rank 0 writes (or checks) the folder; a rank checking after rank 0 wrote would fail
         run_dir = (run_folder.new_run_dir(options.out, options.dataset, options.model) if info.is_main
                    else Path(options.out or "runs"))
