@@ -81,17 +81,31 @@ def test_eval_mode_gradients_use_running_statistics():
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_autocast_close_to_torchvision():
-    ours, reference = _pair()
-    x = torch.randn(4, 3, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_a, out_b = ours(x), reference(x)
-    torch.testing.assert_close(out_a.float(), out_b.float(), rtol=0.05, atol=0.05)
-    out_a.float().sum().backward()
-    out_b.float().sum().backward()
-    ga = ours.features.conv0.weight.grad
-    gb = reference.features.conv0.weight.grad
-    assert torch.nn.functional.cosine_similarity(ga.flatten(), gb.flatten(), dim=0) > 0.99
+@pytest.mark.parametrize("efficient", [False, True])
+def test_bf16_autocast_as_accurate_as_torchvision(efficient):
+    # The oracle is float32, with torchvision's own bf16 error as the yardstick: our BN-ReLU computes in the
+    # maps' dtype, centred on the rounded mean (block_buffer.bn_factors), so it does not round where
+    # torchvision's kernels do, but it must not be less accurate. Relative error of every parameter's gradient,
+    # averaged over five inputs (2026-11-30: ours 0.060 in both modes, torchvision 0.060).
+    def grads(model, x, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        out.float().sum().backward()
+        return out.float(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
+
+    errors = {"ours": [], "torchvision": []}
+    for seed in range(5):
+        x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(100 + seed))
+        truth = grads(_pair()[1], x, bf16=False)[1]
+        ours, reference = _pair()
+        ours.memory_efficient = efficient
+        out_a, grad_a = grads(ours, x, bf16=True)
+        out_b, grad_b = grads(reference, x, bf16=True)
+        torch.testing.assert_close(out_a, out_b, rtol=0.05, atol=0.05)
+        errors["ours"].append(((grad_a - truth).norm() / truth.norm()).item())
+        errors["torchvision"].append(((grad_b - truth).norm() / truth.norm()).item())
+    ours_error, reference_error = (sum(e) / len(e) for e in (errors["ours"], errors["torchvision"]))
+    assert ours_error < 1.25 * reference_error, errors
 
 
 def _float64_pair(bottleneck, drop_rate):

@@ -74,12 +74,39 @@ def bn_affine(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor) -> tu
     return alpha, beta, invstd
 
 
+def bn_factors(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, like: Tensor):
+    """BN's per-channel transform for maps like ``like``: ReLU(BN(x)) = ReLU((x - center) * scale + shift).
+
+    Under bf16 autocast the block's maps are bf16 and BN's statistics float32. An element-wise op that mixes
+    them computes in float32, and on a CPU it first copies each bf16 operand to a new float32 tensor and
+    writes through a float32 temporary: in a bf16 channels_last training step those hidden copies (of
+    strided slices of the buffer) took half the time (2026-11-30). So the factors are given in the maps'
+    dtype, and each op is one pass that allocates nothing. The rounded mean is taken off first: as
+    x * alpha + beta, the rounding of beta = bias - mean * alpha would shift each channel by up to
+    |mean * alpha| * 2^-9 (up to 10x the error of rounding a float32 result once, at mean/std 8); centred,
+    the shift, bias + (center - mean) * alpha, is about the bias, and so is its rounding. In float32 and
+    float64, center is None and this is x * alpha + beta, as ATen's CPU batch norm computes it.
+    Returns center (None or a per-channel view), scale and shift (per-channel views) and invstd.
+    """
+    alpha, beta, invstd = bn_affine(bn, weight, bias, mean, var)
+    if like.dtype == alpha.dtype:
+        return None, per_channel(alpha), per_channel(beta), invstd
+    center = mean.to(like.dtype)
+    shift = beta + center.to(alpha.dtype) * alpha
+    return per_channel(center), per_channel(alpha.to(like.dtype)), per_channel(shift.to(like.dtype)), invstd
+
+
+def normalize_relu_(x: Tensor, factors, out: Tensor) -> Tensor:
+    """ReLU(BN(x)) with the factors of bn_factors, written into ``out``: nothing of x's size is allocated."""
+    center, scale, shift, _ = factors
+    if center is None:
+        return torch.addcmul(shift, x, scale, out=out).relu_()
+    return torch.addcmul(shift, torch.sub(x, center, out=out), scale, out=out).relu_()
+
+
 def normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, out: Tensor) -> Tensor:
-    """ReLU(BN(x)) with the given statistics (batch or running), written into ``out``: nothing of x's size is
-    allocated."""
-    alpha, beta, _ = bn_affine(bn, weight, bias, mean, var)
-    torch.addcmul(per_channel(beta), x, per_channel(alpha), out=out)
-    return out.relu_()
+    """ReLU(BN(x)) with the given statistics (batch or running), written into ``out``."""
+    return normalize_relu_(x, bn_factors(bn, weight, bias, mean, var, x), out)
 
 
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:

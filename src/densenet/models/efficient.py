@@ -51,7 +51,9 @@ from densenet.errors import DenseNetError
 from densenet.models.block_buffer import (
     BlockBuffer,
     batch_mean_var,
-    bn_affine,
+    bn_factors,
+    normalize_relu,
+    normalize_relu_,
     per_channel,
     update_running_stats,
 )
@@ -217,7 +219,7 @@ def _pointwise_forward(inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean
     would otherwise store).
     """
     n, c, h, w = inp.shape
-    y = _normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
+    y = normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
     y = _cast_into(y, dtype, ws.wide_cast)
     w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
     mid = ws.mid.view(w2.shape[0])
@@ -227,40 +229,6 @@ def _pointwise_forward(inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean
     else:  # (width, c) @ (n, c, pixels)
         torch.matmul(w2, y.reshape(n, c, h * w), out=mid.view(n, -1, h * w))
     return mid
-
-
-def _bn_factors(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, like: Tensor):
-    """BN's per-channel transform for maps like ``like``: ReLU(BN(x)) = ReLU((x - center) * scale + shift).
-
-    Under bf16 autocast the block's maps are bf16 and BN's statistics float32. An element-wise op that mixes
-    them computes in float32, and on a CPU it first copies each bf16 operand to a new float32 tensor and
-    writes through a float32 temporary: in a bf16 channels_last training step those hidden copies (of
-    strided slices of the buffer) took half the time (2026-11-30). So the factors are given in the maps'
-    dtype, and each op is one pass that allocates nothing. The rounded mean is taken off first: as
-    x * alpha + beta, the rounding of beta = bias - mean * alpha would shift each channel by up to
-    |mean * alpha| * 2^-9 (up to 10x the error of rounding a float32 result once, at mean/std 8); centred,
-    the shift, bias + (center - mean) * alpha, is about the bias, and so is its rounding. In float32 and
-    float64, center is None and this is x * alpha + beta, as block_buffer.normalize_relu.
-    Returns center (None or a per-channel view), scale and shift (per-channel views) and invstd.
-    """
-    alpha, beta, invstd = bn_affine(bn, weight, bias, mean, var)
-    if like.dtype == alpha.dtype:
-        return None, per_channel(alpha), per_channel(beta), invstd
-    center = mean.to(like.dtype)
-    shift = beta + center.to(alpha.dtype) * alpha
-    return per_channel(center), per_channel(alpha.to(like.dtype)), per_channel(shift.to(like.dtype)), invstd
-
-
-def _normalize_relu_(x: Tensor, factors, out: Tensor) -> Tensor:
-    """ReLU(BN(x)) with the factors of _bn_factors, written into ``out``."""
-    center, scale, shift, _ = factors
-    if center is None:
-        return torch.addcmul(shift, x, scale, out=out).relu_()
-    return torch.addcmul(shift, torch.sub(x, center, out=out), scale, out=out).relu_()
-
-
-def _normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, out: Tensor) -> Tensor:
-    return _normalize_relu_(x, _bn_factors(bn, weight, bias, mean, var, x), out)
 
 
 def _cast_into(t: Tensor, dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
@@ -326,10 +294,10 @@ def _forward(layers, x: Tensor, params: list, save: bool):
                     update_running_stats(layer.norm2, mean2, var2, count)
                 else:
                     mean2, var2 = layer.norm2.running_mean, layer.norm2.running_var
-                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
+                y = normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
                 record += [mask1, mean2, var2]
             else:
-                y = _normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.y.view(c))
+                y = normalize_relu(buffer[:, :c], first, lp[0], lp[1], mean, var, ws.y.view(c))
             new = _conv(_cast_into(y, conv_dtype, ws.cast), lp[-1], layer.conv2, conv_dtype)
             del y
             mask2 = _dropout_(new, layer.drop_rate) if layer.drop_rate > 0 and layer.training else None
@@ -414,7 +382,7 @@ def _pointwise_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, b
     """
     n, c, h, w = inp.shape
     acc = mean.dtype
-    factors = _bn_factors(bn, bn_weight, bn_bias, mean, var, inp)
+    factors = bn_factors(bn, bn_weight, bn_bias, mean, var, inp)
     center, scale, _, invstd = factors
     center = per_channel(mean) if center is None else center
     w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
@@ -432,7 +400,7 @@ def _pointwise_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, b
         x, gm = inp[rows], g[rows]
         y, gy = ws.part.view(c)[:m], ws.part_grad.view(c)[:m]
         y_c = y if ws.part_cast is None else ws.part_cast.view(c)[:m]
-        _normalize_relu_(x, factors, out=y)
+        normalize_relu_(x, factors, out=y)
         if y_c is not y:
             y_c.copy_(y)
         out = gy if y_c is y else y_c  # under autocast: y_c is free once grad_w has it
@@ -451,7 +419,7 @@ def _pointwise_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, b
         torch.sub(x, center, out=y)
         dotp += y.mul_(gy).sum((0, 2, 3), dtype=acc)
         grad[rows, :c].addcmul_(gy, scale)
-    # dotp is sum((x - center) * gy): with the mean rounded to the maps' dtype (_bn_factors), the rounding's
+    # dotp is sum((x - center) * gy): with the mean rounded to the maps' dtype (bn_factors), the rounding's
     # share is exactly (mean - center) * sum_dy, taken off here.
     center_acc, scale_acc = center.flatten().to(acc), scale.flatten().to(acc)
     dotp += (center_acc - mean) * sum_dy
@@ -494,7 +462,7 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 mid = _pointwise_forward(inp, first_bn, lp[0], lp[1], mean, var, lp[2], conv_dtype, ws,
                                          channels_last)
                 _redrop_(mid, mask1, layer.drop_rate)
-                y = _normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
+                y = normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
                 g, grad_params[p + 5] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
                 g = aten.threshold_backward(g.to(y.dtype), y, 0)
                 del y
@@ -508,7 +476,7 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 del g
                 continue
             # A basic layer: the BN-ReLU over the block's c maps and its gradient in the full-batch workspaces.
-            y = _normalize_relu(inp, layer.norm2, lp[0], lp[1], mean, var, ws.y.view(c))
+            y = normalize_relu(inp, layer.norm2, lp[0], lp[1], mean, var, ws.y.view(c))
             gy = ws.grad.view(c)
             g_in, grad_params[p + 2] = _conv_backward(g, y, lp[2], layer.conv2, conv_dtype)
             gy.copy_(g_in)
