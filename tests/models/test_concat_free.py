@@ -81,6 +81,23 @@ def test_eval_mode_gradients_use_running_statistics():
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_the_buffer_path_trains_fp32_nchw_and_autocast_takes_the_plain_concatenation(monkeypatch):
+    # Under bf16 autocast the buffer path ran at 0.53x torchvision's eager step (densenet._concat_free).
+    calls = []
+    real = densenet_module.concat_free_block_forward
+    monkeypatch.setattr(densenet_module, "concat_free_block_forward",
+                        lambda block, x: calls.append(x.dtype) or real(block, x))
+    ours, _ = _pair()
+    x = torch.randn(2, 3, 8, 8)
+    ours(x).sum().backward()
+    assert calls == [torch.float32] * 2  # both blocks
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+    out.float().sum().backward()
+    assert calls == [] and out.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("efficient", [False, True])
 def test_bf16_autocast_as_accurate_as_torchvision(efficient):
     # The oracle is float32, with torchvision's own bf16 error as the yardstick: our BN-ReLU computes in the

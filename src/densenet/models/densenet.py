@@ -102,14 +102,19 @@ class DenseBlock(nn.ModuleDict):
 
 def _concat_free(x: Tensor) -> bool:
     """Whether the block runs through its buffer: when training (the case it speeds up), in eager mode only,
-    in the NCHW layout.
+    in the NCHW layout, without autocast.
 
     Tracing, exporting and torch.compile see the plain concatenation, which they know how to optimise. In
     channels_last the buffer's first c channels are a strided view (every pixel's C_total channels, c read),
     which BN and the 1x1 convolution read far slower than the fresh, dense concatenation: measured eager on a
     2-core CPU (DenseNet-BC-40 k=12, batch 64) the buffer path in channels_last ran at 0.75x its NCHW speed.
+    Under autocast the buffer's maps are bf16 (or fp16) and BN's statistics and backward kernels mix them with
+    float32: `densenet bench speed --model densenet_bc100_k12 --tasks train --precision bf16` measured the
+    buffer path at 0.53-0.54x torchvision's eager bf16 step (2-core AMD EPYC, 2026-11-30), so autocast takes
+    the plain concatenation, as torchvision does.
     """
-    return (torch.is_grad_enabled() and x.dim() == 4 and x.is_contiguous() and not torch.jit.is_tracing()
+    return (torch.is_grad_enabled() and x.dim() == 4 and x.is_contiguous()
+            and not torch.is_autocast_enabled(x.device.type) and not torch.jit.is_tracing()
             and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
 
 
