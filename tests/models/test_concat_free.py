@@ -100,10 +100,11 @@ def test_the_buffer_path_trains_fp32_nchw_and_autocast_takes_the_plain_concatena
 
 @pytest.mark.parametrize("efficient", [False, True])
 def test_bf16_autocast_as_accurate_as_torchvision(efficient):
-    # The oracle is float32, with torchvision's own bf16 error as the yardstick: our BN-ReLU computes in the
-    # maps' dtype, centred on the rounded mean (block_buffer.bn_factors), so it does not round where
-    # torchvision's kernels do, but it must not be less accurate. Relative error of every parameter's gradient,
-    # averaged over five inputs (2026-11-30: ours 0.060 in both modes, torchvision 0.060).
+    # The oracle is float32, with torchvision's own bf16 error as the yardstick: the memory-efficient block's
+    # BN-ReLU computes in the maps' dtype, centred on the rounded mean (block_buffer.bn_factors), so it does
+    # not round where torchvision's kernels do, but it must not be less accurate; the standard block takes the
+    # plain concatenation under autocast (densenet._concat_free). Relative error of every parameter's gradient,
+    # averaged over five inputs (2026-11-30: efficient 0.060, torchvision 0.060).
     def grads(model, x, bf16):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(x)

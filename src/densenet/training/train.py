@@ -222,14 +222,15 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     train_batches.channels_last = runtime.channels_last
-    eval_batches = {name: Batches(data, split, eval_size(options, per_rank), info, device, train=False,
-                                  workers=options.workers, channels_last=runtime.channels_last)
+    eval_batch = eval_size(options, per_rank)
+    eval_batches = {name: Batches(data, split, eval_batch, info, device, train=False, workers=options.workers,
+                                  channels_last=runtime.channels_last)
                     for name, split in (("val", data.val), ("test", data.test)) if split is not None}
     train_forward = eval_forward = None
-    if runtime.compile:  # one graph per mode (evaluation: one view at a time, of eval_size)
+    if runtime.compile:  # one graph per mode (evaluation: one view of eval_batch images at a time)
         say = _say if info.is_main else lambda _: None
         train_forward = fast.StaticBatchModule(net, {per_rank}, say=say)
-        eval_forward = fast.StaticBatchModule(model, {eval_size(options, per_rank)}, say=say)
+        eval_forward = fast.StaticBatchModule(model, {eval_batch}, say=say)
     if run_dir is None:  # only rank 0 writes (or checks) the folder; a rank checking after rank 0 wrote would fail
         run_dir = (run_folder.new_run_dir(options.out, options.dataset, options.model) if info.is_main
                    else Path(options.out or "runs"))
