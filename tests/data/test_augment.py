@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from densenet.data.augment import TTA_VIEWS, channel_stats, normalize, pad_crop_flip, tta_views
+from densenet.data.augment import TTA_VIEWS, alternate_flips, channel_stats, normalize, pad_crop_flip, tta_views
 
 
 def test_pad_crop_flip_is_a_crop_of_the_padded_image_and_reproducible():
@@ -38,6 +38,18 @@ def test_zero_crop_padding_only_flips():
     same = (out == images).flatten(1).all(1)
     mirrored = (out == images.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and bool(mirrored.any()) and bool(same.any())
+
+
+def test_given_flips_flip_exactly_those_images_and_alternate_flips_swap_every_epoch():
+    images = torch.randint(0, 255, (6, 3, 5, 5), dtype=torch.uint8)
+    flips = torch.tensor([True, False, False, True, True, False])
+    out = pad_crop_flip(images, torch.Generator().manual_seed(0), padding=0, flips=flips)
+    assert torch.equal(out[flips], images[flips].flip(-1)) and torch.equal(out[~flips], images[~flips])
+    first = torch.tensor([True, False, True, False])
+    index = torch.tensor([2, 1, 3])
+    assert alternate_flips(first, index, 0).tolist() == [True, False, False]
+    assert alternate_flips(first, index, 1).tolist() == [False, True, True]
+    assert alternate_flips(first, index, 4).tolist() == [True, False, False]
 
 
 def test_small_crops_are_windows_of_the_padded_image_at_the_same_scale():

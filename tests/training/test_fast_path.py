@@ -261,7 +261,8 @@ def test_crop_padding_reaches_the_augmentation(monkeypatch, tmp_path):
     seen = []
     real = engine.pad_crop_flip
     monkeypatch.setattr(engine, "pad_crop_flip",
-                        lambda x, g, padding=4, size=None: seen.append(padding) or real(x, g, padding, size))
+                        lambda x, g, padding=4, size=None, **kw: seen.append(padding)
+                        or real(x, g, padding, size, **kw))
     assert main(["train", *TINY, "--epochs", "1", "--crop-padding", "2", "--augment", "standard", "--eager",
                  "--out", str(tmp_path / "run")]) == 0
     assert seen and set(seen) == {2}
@@ -273,7 +274,7 @@ def test_small_crops_train_the_first_epochs_and_full_size_the_rest(monkeypatch, 
     sizes, shapes = [], []
     real = engine.pad_crop_flip
     monkeypatch.setattr(engine, "pad_crop_flip",
-                        lambda x, g, padding=4, size=None: sizes.append(size) or real(x, g, padding, size))
+                        lambda x, g, padding=4, size=None, **kw: sizes.append(size) or real(x, g, padding, size, **kw))
     real_forward = DenseNet.forward
     monkeypatch.setattr(DenseNet, "forward", lambda self, x: shapes.append((self.training, x.shape[-1]))
                         or real_forward(self, x))
@@ -295,6 +296,54 @@ def test_small_crop_larger_than_the_images_or_on_streamed_data_is_refused(tmp_pa
     err = capsys.readouterr().err
     assert err.count("--small-crop") == 2 and "(these are 8)" in err and "Traceback" not in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _flipped_per_epoch(flip: str, epochs: int = 3) -> list[torch.Tensor]:
+    """Which of the digits' training images each epoch's batches show mirrored (padding 0: the image or its
+    mirror image), by image index; images equal to their mirror image count as not flipped."""
+    from densenet.data.augment import normalize
+    from densenet.data.datasets import load_data
+    from densenet.training.distributed import Dist
+    from densenet.training.engine import Batches
+
+    data = load_data("digits", augment="standard")
+    images = data.train.images
+    batches = Batches(data, data.train, 256, Dist(), torch.device("cpu"), train=True, augment=True, seed=5,
+                      crop_padding=0, flip=flip)
+    result = []
+    for epoch in range(epochs):
+        shown = torch.cat([x for x, _ in batches.epoch(epoch)])
+        order = torch.tensor(batches.sampler._indices())
+        mirrored = (shown - normalize(images[order].flip(-1), data.mean, data.std)).abs().flatten(1).amax(1) < 1e-6
+        plain = (shown - normalize(images[order], data.mean, data.std)).abs().flatten(1).amax(1) < 1e-6
+        assert bool((mirrored | plain).all())
+        flipped = torch.zeros(len(images), dtype=torch.bool)
+        flipped[order] = mirrored & ~plain
+        result.append(flipped)
+    return result
+
+
+def test_alternate_flip_shows_every_image_both_ways_in_every_two_epochs():
+    e0, e1, e2 = _flipped_per_epoch("alternate")
+    from densenet.data.datasets import load_data
+
+    images = load_data("digits").train.images
+    asymmetric = ~(images == images.flip(-1)).flatten(1).all(1)
+    assert bool((e0 ^ e1)[asymmetric].all()) and torch.equal(e0, e2)
+    assert 0.4 < e0[asymmetric].float().mean() < 0.6  # a random half first
+    r0, r1, _ = _flipped_per_epoch("random")
+    assert 0.4 < (r0 ^ r1)[asymmetric].float().mean() < 0.6  # random flips: the same way round half the time
+    assert torch.equal(_flipped_per_epoch("alternate", 1)[0], e0)  # reproducible from the seed
+
+
+def test_alternate_flip_on_unaugmented_data_is_refused(tmp_path, capsys):
+    assert main(["train", *TINY, "--epochs", "1", "--augment", "none", "--flip", "alternate", "--eager",
+                 "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--flip alternate" in err and "Traceback" not in err and not (tmp_path / "a").exists()
+    assert main(["train", *TINY, "--epochs", "1", "--augment", "standard", "--flip", "alternate", "--eager",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["flip"] == "alternate"
 
 
 def test_time_paths_keeps_the_fastest_and_leaves_model_and_rng_alone(monkeypatch):

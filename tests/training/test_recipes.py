@@ -28,8 +28,8 @@ def test_recipe_builds_its_model(path):
     if path.stem.split("-")[0] in ("c10", "c10plus", "c100", "c100plus", "svhn", "imagenet"):  # the paper's, as written
         assert options.lr == 0.1 and options.momentum == 0.9 and options.nesterov and options.weight_decay == 1e-4
         assert (options.schedule, options.weight_decay_on, options.label_smoothing, options.tta, options.amp,
-                options.crop_padding, options.eval_every, options.small_crop_epochs) == (
-                    "step", "all", 0.0, "none", "none", 4, 1, 0)
+                options.crop_padding, options.eval_every, options.small_crop_epochs, options.flip) == (
+                    "step", "all", 0.0, "none", "none", 4, 1, 0, "random")
         assert options.info["paper_error"] > 0
         assert options.batch_size == (256 if options.dataset == "imagenet" else 64)
         assert options.epochs == {"imagenet": 90, "svhn": 40}.get(options.dataset, 300)

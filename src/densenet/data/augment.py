@@ -23,9 +23,11 @@ import torch
 from torch import Tensor
 
 
-def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4, size: int | None = None) -> Tensor:
+def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4, size: int | None = None,
+                  flips: Tensor | None = None) -> Tensor:
     """A random crop of the zero-padded batch, flipped left-right for half the images; same dtype, and the
-    same shape unless ``size`` asks for smaller ``size`` x ``size`` crops (at most the image's side)."""
+    same shape unless ``size`` asks for smaller ``size`` x ``size`` crops (at most the image's side).
+    ``flips`` (N booleans), when given, says which images to flip instead of drawing it (``alternate_flips``)."""
     n, c, h, w = images.shape
     if n == 0:
         return images
@@ -40,7 +42,8 @@ def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4, 
     else:
         offsets = torch.stack([torch.randint(0, span, (n,), generator=generator) for span in spans])
     offsets = offsets.to(images.device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    flips = (torch.rand(n, generator=generator) < 0.5) if flips is None else flips.to(torch.bool)
+    flips = flips.to(images.device)
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (n, h)
     cols = offsets[1, :, None] + torch.arange(w, device=images.device)  # (n, w)
@@ -48,6 +51,17 @@ def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4, 
     batch = torch.arange(n, device=images.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def alternate_flips(first: Tensor, index: Tensor, epoch: int) -> Tensor:
+    """Which images of a batch to flip under --flip alternate: ``first`` (one boolean per image of the split,
+    drawn once per run) in even epochs, its negation in odd ones, for the images at ``index``.
+
+    The derandomised flip of Jordan, "94% on CIFAR-10 in 3.29 seconds" (2024): random flips show an image the
+    same way round in two successive epochs half the time; alternating shows every image both ways in every two
+    epochs, which a short run, seeing each image a few dozen times, has the most use for.
+    """
+    return first[index] ^ bool(epoch % 2)
 
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from densenet.data.augment import normalize, pad_crop_flip, tta_views
+from densenet.data.augment import alternate_flips, normalize, pad_crop_flip, tta_views
 from densenet.data.datasets import Data, Split, worker_error_message
 from densenet.devices import autocast
 from densenet.errors import DenseNetError
@@ -72,8 +72,12 @@ class Batches:
 
     def __init__(self, data: Data, split: Split | torch.utils.data.Dataset, batch_size: int, info: Dist,
                  device: torch.device, *, train: bool, augment: bool = False, seed: int = 0, workers: int = 0,
-                 channels_last: bool = False, crop_padding: int = 4) -> None:
+                 channels_last: bool = False, crop_padding: int = 4, flip: str = "random") -> None:
         self.crop_padding = crop_padding
+        self.first_flips = None  # --flip alternate: each image's flip in even epochs, the same on every rank
+        if flip == "alternate" and augment and isinstance(split, Split):
+            g = torch.Generator().manual_seed(epoch_seed(seed, 0, stream=3))
+            self.first_flips = torch.rand(len(split), generator=g) < 0.5
         self.crop_size: int | None = None  # smaller random crops (progressive resizing), set per epoch
         self.data, self.split, self.batch_size, self.info, self.device = data, split, batch_size, info, device
         self.train, self.augment, self.seed, self.channels_last = train, augment, seed, channels_last
@@ -105,7 +109,8 @@ class Batches:
             index = order[start:start + self.batch_size]
             x = self.split.images[index].to(self.device, non_blocking=True)
             if self.augment:
-                x = pad_crop_flip(x, generator, self.crop_padding, self.crop_size)
+                flips = None if self.first_flips is None else alternate_flips(self.first_flips, index, epoch)
+                x = pad_crop_flip(x, generator, self.crop_padding, self.crop_size, flips=flips)
             yield self._finish(normalize(x, self.data.mean, self.data.std)), self.split.labels[index].to(self.device)
 
     @property

@@ -69,6 +69,10 @@ class TrainOptions:
                                                          "fb.resnet.torch); default by data set")
     crop_padding: int = option(4, "standard augmentation of in-memory sets: zero padding before the random crop "
                                "(the paper's 4; 2 suits short runs better)", metavar="PIXELS")
+    flip: Literal["random", "alternate"] = option("random", "standard augmentation of in-memory sets: random "
+        "(the paper's, default) flips each image with probability 1/2 in every epoch; alternate flips a random half "
+        "of the images in even epochs and the other half in odd ones, so every two epochs show each image both "
+        "ways (Jordan 2024)")
     small_crop: int | None = option(None, "progressive resizing: the first --small-crop-epochs epochs train on "
                                     "random SIZE x SIZE crops (same scale, less of each image, fewer FLOPs; "
                                     "in-memory sets, standard augmentation), the rest and every evaluation at full "

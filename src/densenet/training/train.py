@@ -187,11 +187,14 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
             raise ConfigError(f"--small-crop {options.small_crop}: needs an in-memory data set with standard "
                               f"augmentation and images of at least that side" + (f" (these are {side})"
                                                                                    if side else ""))
+    if options.flip == "alternate" and not (data.in_memory and options.augment == "standard"):
+        raise ConfigError(f"--flip alternate: needs an in-memory data set (digits, cifar, svhn) with standard "
+                          f"augmentation, not {data.name} with --augment {options.augment}")
     torch.manual_seed(options.seed)
     model = _build_model(options, data).to(device)
     train_batches = Batches(data, data.train, per_rank, info, device, train=True,
                             augment=options.augment == "standard", seed=options.seed, workers=options.workers,
-                            crop_padding=options.crop_padding)
+                            crop_padding=options.crop_padding, flip=options.flip)
     runtime = fast.plan(options, device, total_steps=len(train_batches) * options.epochs, distributed=info.enabled)
     if runtime.timed:  # a long CPU run: which path is fastest here is measured (training/fast.py)
         shape = (tuple(data.train.images.shape[1:]) if data.in_memory
