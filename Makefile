@@ -30,7 +30,7 @@ data/cifar10/train: ../shared/data/cifar10/cifar10-jpeg.tar.gz
 	mkdir -p data && tar xzf $< -C data && touch $@
 
 .PHONY: cifar10-cpu
-# The committed CPU run (docs/runs/cifar10-densenet_bc40_k12-cpu): DenseNet-BC L=40 k=12, 27 epochs, under an hour
+# The committed CPU run (docs/runs/cifar10-densenet_bc40_k12-cpu): DenseNet-BC L=40 k=12, 26 epochs, about an hour
 # on 2 cores with native bf16. Run it alone on the machine: a second busy process slows every step of it.
 cifar10-cpu: install data/cifar10/train
 	$(BIN)/densenet train --config configs/cifar10_cpu.yaml --out runs/cifar10-cpu
