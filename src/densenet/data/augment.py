@@ -42,8 +42,7 @@ def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4, 
     else:
         offsets = torch.stack([torch.randint(0, span, (n,), generator=generator) for span in spans])
     offsets = offsets.to(images.device)
-    flips = (torch.rand(n, generator=generator) < 0.5) if flips is None else flips.to(torch.bool)
-    flips = flips.to(images.device)
+    flips = ((torch.rand(n, generator=generator) < 0.5) if flips is None else flips).to(images.device, torch.bool)
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (n, h)
     cols = offsets[1, :, None] + torch.arange(w, device=images.device)  # (n, w)

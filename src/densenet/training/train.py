@@ -181,13 +181,15 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         if not data.in_memory:
             raise ConfigError(f"--train-subset is for the in-memory data sets (digits, cifar, svhn), not {data.name}")
         data.train = subset(data.train, options.train_subset, options.seed)
+    # --small-crop and --flip alternate act in the on-device augmentation of in-memory sets (data/augment.py)
+    augmented_in_memory = data.in_memory and options.augment == "standard"
     if options.small_crop_epochs:
-        side = min(data.train.images.shape[2:]) if data.in_memory and options.augment == "standard" else None
+        side = min(data.train.images.shape[2:]) if augmented_in_memory else None
         if side is None or options.small_crop > side:
             raise ConfigError(f"--small-crop {options.small_crop}: needs an in-memory data set with standard "
                               f"augmentation and images of at least that side" + (f" (these are {side})"
                                                                                    if side else ""))
-    if options.flip == "alternate" and not (data.in_memory and options.augment == "standard"):
+    if options.flip == "alternate" and not augmented_in_memory:
         raise ConfigError(f"--flip alternate: needs an in-memory data set (digits, cifar, svhn) with standard "
                           f"augmentation, not {data.name} with --augment {options.augment}")
     torch.manual_seed(options.seed)
