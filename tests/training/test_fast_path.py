@@ -100,6 +100,25 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_line(monkeypatch):
     assert forward.compiled is None and len(said) == 1 and "no C++ compiler" in said[0] and "eagerly" in said[0]
 
 
+def test_sgd_step_calls_the_forward_it_is_given_even_one_without_a_truth_value():
+    # torch.compile's module raises on len(), so bool() of it fails: sgd_step must test for None, not truth.
+    model = create_model("densenet_bc10_k4", num_classes=3, in_chans=1)
+    calls = []
+
+    class NoTruthValue(torch.nn.Module):
+        def __len__(self):
+            raise TypeError("no len()")
+
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return model(x)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
+    before = [p.detach().clone() for p in model.parameters()]
+    fast.sgd_step(model, x, y, torch.device("cpu"), "none", forward=NoTruthValue())()
+    assert calls == [2]
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_short_run_schedules_step_per_batch_warm_up_and_end_near_zero(schedule):
     options = TrainOptions(dataset="cifar10", epochs=4, lr=0.2, schedule=schedule, warmup=0.25)

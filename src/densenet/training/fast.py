@@ -10,8 +10,12 @@
   The compiled graph has a fixed batch size: a smaller last batch runs the same module eagerly instead of
   compiling a second graph. If compiling fails (no C++ compiler, an unsupported op), the run goes on
   eagerly and says so.
-- **channels_last** where it wins: with compile (inductor's convolutions prefer NHWC on CPU and CUDA)
-  and on CUDA; eager on CPU stays NCHW, where our concatenation-free block is fastest.
+- **channels_last** with compile (inductor's convolutions prefer NHWC on CPU and CUDA) and on CUDA. An
+  eager CPU run that is not timed (below: shorter than COMPILE_MIN_STEPS, or ``--compile off``) stays NCHW,
+  where the standard block runs through its concatenation-free buffer and keeps the least memory: on the
+  2-core AMD EPYC, fp32, the plain concatenation in channels_last trained 1.15-1.33x faster (the ``paths``
+  tables in docs/benchmarks.md) but its peak RSS over two steps was 35% (DenseNet-BC-100 k=12, batch 64) and
+  25% (DenseNet-121, batch 16) higher. ``--channels-last`` picks speed.
 - **measured, not assumed, on a CPU**: which of compiled channels_last, eager channels_last and eager NCHW
   is fastest depends on the CPU and the precision (a 2-core AMD EPYC with AVX-512 BF16: compiled 1.7x eager
   in bf16, but eager channels_last 1.1x compiled in fp32; an Intel Xeon without bf16: compiled 1.35-1.45x
@@ -94,7 +98,7 @@ def sgd_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
     time (``forward``, default ``model``, computes the logits, e.g. a compiled module)."""
     from densenet.devices import autocast
 
-    forward = forward or model
+    forward = model if forward is None else forward  # not `or`: a compiled module has no truth value
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=True)
 
     def step() -> None:
