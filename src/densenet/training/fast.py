@@ -14,8 +14,10 @@
   eager CPU run that is not timed (below: shorter than COMPILE_MIN_STEPS, or ``--compile off``) stays NCHW,
   where the standard block runs through its concatenation-free buffer and keeps the least memory: on the
   2-core AMD EPYC, fp32, the plain concatenation in channels_last trained 1.15-1.33x faster (the ``paths``
-  tables in docs/benchmarks.md) but its peak RSS over two steps was 35% (DenseNet-BC-100 k=12, batch 64) and
-  25% (DenseNet-121, batch 16) higher. ``--channels-last`` picks speed.
+  tables in docs/benchmarks.md), but the plain concatenation's peak RSS over two steps was 1.50x ours
+  (DenseNet-BC-100 k=12, batch 64: 2487 against 1662 MB) and 1.38x (DenseNet-121, 224 px, batch 16: 2308
+  against 1670 MB; ``densenet bench memory --models M --modes standard torchvision --batch-size B --repeats 0
+  --no-live``, 2026-11-30 15:38 UTC). ``--channels-last`` picks speed.
 - **measured, not assumed, on a CPU**: which of compiled channels_last, eager channels_last and eager NCHW
   is fastest depends on the CPU and the precision (a 2-core AMD EPYC with AVX-512 BF16: compiled 1.7x eager
   in bf16, but eager channels_last 1.1x compiled in fp32; an Intel Xeon without bf16: compiled 1.35-1.45x
