@@ -144,13 +144,14 @@ def write_curves(run_dir: Path, history: list[dict[str, float]], title: str) -> 
     # Epochs without an evaluation (--eval-every) have no test or validation error: plot the evaluated ones.
     tested = [(e, m, row["test_error"]) for e, m, row in zip(epochs, minutes, history, strict=True)
               if "test_error" in row]
+    sparse = len(tested) < len(epochs)  # evaluated every few epochs: mark the points
     fig, (ax, ax_time) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     ax.plot(epochs, [row["train_error"] for row in history], label="train error")
     if any("val_error" in row for row in history):
         ax.plot(*zip(*[(row["epoch"], row["val_error"]) for row in history if "val_error" in row], strict=True),
                 marker=".", label="validation error")
     if tested:
-        ax.plot([t[0] for t in tested], [t[2] for t in tested], marker="." if len(tested) < len(epochs) else None,
+        ax.plot([t[0] for t in tested], [t[2] for t in tested], marker="." if sparse else None,
                 label="test error")
     ax.set_xlabel("epoch")
     ax.set_ylabel("error (%)")
@@ -159,8 +160,8 @@ def write_curves(run_dir: Path, history: list[dict[str, float]], title: str) -> 
     ax.legend()
     ax_time.plot(minutes, [row["train_error"] for row in history], color="C0", alpha=0.6, label="train error")
     if tested:
-        ax_time.plot([t[1] for t in tested], [t[2] for t in tested], marker="o" if len(tested) < len(epochs) else None,
-                     color="C1", label="test error")
+        ax_time.plot([t[1] for t in tested], [t[2] for t in tested], marker="o" if sparse else None, color="C1",
+                     label="test error")
         _, m, error = tested[-1]
         ax_time.annotate(f"{error:.2f}% after {m:.1f} min", (m, error), textcoords="offset points",
                          xytext=(-10, 12), ha="right")
