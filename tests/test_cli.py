@@ -41,7 +41,7 @@ def test_a_command_imports_its_own_module_only():
         from densenet.cli import build_parser
         build_parser(['bench', 'memory'])
         assert 'densenet.bench.memory' in sys.modules
-        assert not {'densenet.bench.speed', 'densenet.training.train'} & set(sys.modules)
+        assert not {'densenet.bench.speed', 'densenet.commands.train'} & set(sys.modules)
         """))
     assert done.returncode == 0, done.stderr
 
@@ -69,7 +69,7 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(capsys, monkeypa
     def bug(args):
         raise ValueError("a bug of ours")
 
-    from densenet.analysis import commands
+    from densenet.commands import models as commands
 
     monkeypatch.setattr(commands, "run_list", bad_config)
     assert cli.main(["list"]) == 2

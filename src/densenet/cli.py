@@ -1,6 +1,7 @@
 """The ``densenet`` command line: ``densenet list``, ``densenet summary NAME``, ``densenet train``, ...
 
-Each subcommand lives beside the code it drives; this file only routes. A command module provides
+Each command is a module of ``densenet.commands`` (the benchmarks: of ``densenet.bench``, whose modules exist only
+to be run as commands), one layer above the library code it calls; this file only routes. A command module provides
 ``add_arguments(parser)`` and ``run(args) -> int`` (a module serving two commands names them
 ``add_NAME_arguments`` and ``run_NAME``). Only the module of the command being run is imported, so
 ``densenet --help`` and ``densenet list`` answer without loading torch.
@@ -18,16 +19,17 @@ from collections.abc import Sequence
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "list": ("densenet.analysis.commands", "every named model with its parameters and MACs"),
-    "summary": ("densenet.analysis.commands", "a model as the paper's Table 1, with parameters and MACs"),
-    "train": ("densenet.training.train", "train a DenseNet with the paper's protocol (default: digits, built in)"),
-    "evaluate": ("densenet.training.evaluate", "top-1/top-5 error of a run folder or weights file on a data set"),
-    "check-data": ("densenet.data.check", "find every broken image file under data folders, before a run meets one"),
-    "predict": ("densenet.deploy.predict", "top-k classes of image files from a weights file or run folder"),
-    "export": ("densenet.deploy.export", "a trained model as ONNX, TorchScript or torch.export, checked"),
-    "analyze": ("densenet.analysis.reuse", "analyses of a trained model: reuse (the paper's Figure 5)"),
-    "report": ("densenet.analysis.report", "runs as the paper's Tables 2/3 and Figures 3/4, in Markdown"),
-    "bench": ("densenet.bench.commands", "benchmarks: speed against torchvision, training memory"),
+    "list": ("densenet.commands.models", "every named model with its parameters and MACs"),
+    "summary": ("densenet.commands.models", "a model as the paper's Table 1, with parameters and MACs"),
+    "train": ("densenet.commands.train", "train a DenseNet with the paper's protocol (default: digits, built in)"),
+    "evaluate": ("densenet.commands.evaluate", "top-1/top-5 error of a run folder or weights file on a data set"),
+    "check-data": ("densenet.commands.check_data",
+                   "find every broken image file under data folders before a run meets one"),
+    "predict": ("densenet.commands.predict", "top-k classes of image files from a weights file or run folder"),
+    "export": ("densenet.commands.export", "a trained model as ONNX, TorchScript or torch.export, checked"),
+    "analyze": ("densenet.commands.analyze", "analyses of a trained model: reuse (the paper's Figure 5)"),
+    "report": ("densenet.commands.report", "runs as the paper's Tables 2/3 and Figures 3/4, in Markdown"),
+    "bench": ("densenet.commands.bench", "benchmarks: speed against torchvision, training memory"),
 }
 
 
@@ -46,8 +48,9 @@ def add_subcommands(parser: argparse.ArgumentParser, commands: dict[str, tuple[s
         if name != chosen:
             continue
         module = importlib.import_module(module_name)
-        if hasattr(module, "SUBCOMMANDS"):
-            add_subcommands(command, module.SUBCOMMANDS, argv[index + 1:], dest=module.DEST, required=True)
+        if getattr(module, "SUBCOMMANDS", commands) is not commands:  # a group (its own commands may live in it)
+            add_subcommands(command, module.SUBCOMMANDS, argv[index + 1:], dest=module.DEST)
+            command.set_defaults(_group=(name, list(module.SUBCOMMANDS)))
             continue
         add = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
         add(command)
@@ -72,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run = getattr(args, "_run", None)
     if run is None:
-        parser.print_help()
+        group = getattr(args, "_group", None)
+        if group is None:
+            parser.print_help()
+        else:
+            print(f"densenet {group[0]}: error: say which: densenet {group[0]} {'|'.join(group[1])} ...",
+                  file=sys.stderr)
         return 2
     try:
         return int(run(args) or 0)

@@ -97,7 +97,7 @@ def test_train_and_evaluate_offer_exactly_the_tta_modes_that_have_views():
     import argparse
     import typing
 
-    from densenet.training.evaluate import add_evaluate_arguments
+    from densenet.commands.evaluate import add_evaluate_arguments
     from densenet.training.options import TrainOptions
 
     assert typing.get_args(typing.get_type_hints(TrainOptions)["tta"]) == tuple(TTA_VIEWS)

@@ -78,7 +78,7 @@ TRAIN_FLAGS = ("--config --model --dataset --data-dir --download --epochs --batc
 def _train_parser():
     import argparse
 
-    from densenet.training.train import add_arguments
+    from densenet.commands.train import add_arguments
 
     parser = argparse.ArgumentParser(prog="densenet train")
     add_arguments(parser)

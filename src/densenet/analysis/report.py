@@ -15,7 +15,6 @@ paper's error comes from the run's recipe (``paper_error:``) or else from ``PAPE
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import io
@@ -217,19 +216,3 @@ def write_report(results: list[RunResult], out_dir: str | Path, command: str = "
     except OSError as exc:
         raise DenseNetError(f"cannot write to {out_dir}: {exc.strerror or exc}") from exc
     return out_dir / "report.md", out_dir / "report.png"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders made by `densenet train`")
-    parser.add_argument("--out", default=None, help="folder for report.md and report.png (created if needed)")
-
-
-def run(args: argparse.Namespace) -> int:
-    results = [read_run(run) for run in args.runs]
-    print(markdown(results), end="")
-    if args.out:
-        command = "densenet report " + " ".join(args.runs) + f" --out {args.out}"
-        md, png = write_report(results, args.out, command)
-        print(f"wrote {md} and {png}")
-    return 0
-

@@ -23,7 +23,6 @@ Pixels with s >= l are not connections and stay empty. Colours are scaled per bl
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -153,31 +152,3 @@ def write_reuse(model: DenseNet, out_dir: str | Path, title: str = "") -> tuple[
     except OSError as exc:
         raise DenseNetError(f"cannot write to {out_dir}: {exc.strerror or exc}") from exc
     return csv_path, png_path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS")
-    reuse = sub.add_parser("reuse", help="the paper's Figure 5: feature reuse inside each dense block",
-                           description="Mean absolute weight from each source layer s to each target layer l "
-                                       "of every dense block, as reuse.png and reuse.csv.")
-    reuse.add_argument("weights", help="a weights file or run folder")
-    reuse.add_argument("--out", required=True, help="output folder (created if needed)")
-    reuse.add_argument("--title", default=None, help="figure title (default: model and data set)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from densenet.models.weights import load_weights
-
-    if args.analysis != "reuse":
-        raise DenseNetError("say which analysis: densenet analyze reuse WEIGHTS --out DIR")
-    model, metadata = load_weights(args.weights)
-    title = args.title if args.title is not None else " on ".join(
-        str(metadata[k]) for k in ("model", "dataset") if metadata.get(k))
-    csv_path, png_path = write_reuse(model, args.out, title)
-    for r in feature_reuse(model):
-        own = np.nanmean(np.diag(r.mean_abs)[: r.num_layers])  # each layer reading its direct predecessor
-        first = np.nanmean(r.mean_abs[0, : r.num_layers])  # each layer reading the block input
-        print(f"block {r.block}: {r.num_layers} layers; mean |w| from the previous layer {own:.4g}, "
-              f"from the block input {first:.4g}, into {r.targets[-1]} {np.nanmean(r.mean_abs[:, -1]):.4g}")
-    print(f"wrote {png_path} and {csv_path}")
-    return 0

@@ -17,7 +17,6 @@ training).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -59,7 +58,7 @@ def check_output_path(out: str | os.PathLike) -> Path:
 
 def export_model(model: nn.Module, metadata: dict[str, Any], fmt: str, out: str | os.PathLike) -> float:
     """Write ``model`` as ``fmt`` to ``out`` atomically, after checking the file; the largest logit difference."""
-    from densenet.training.checkpoint import atomic_write
+    from densenet.files import atomic_write
 
     if fmt not in FORMATS:
         raise DenseNetError(f"unsupported export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -139,33 +138,3 @@ def _check(fmt: str, path: str, inputs: list[Tensor], expected: list[Tensor]) ->
         raise DenseNetError(f"the {fmt} file's logits differ from PyTorch's by {worst:.2e} (> {TOLERANCE:g}); "
                             f"nothing written")
     return worst
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth), a run folder, or a "
-                        "model name with published ImageNet weights (densenet121, densenet161, densenet169, "
-                        "densenet201)")
-    parser.add_argument("--format", default=None,
-                        help="onnx, torchscript or exported (torch.export); default: from --out's extension "
-                             "(.onnx, .pt, .pt2)")
-    parser.add_argument("--out", required=True, help="the file to write")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from densenet.models.weights import load_weights
-
-    fmt = args.format
-    if fmt is None:
-        by_suffix = {suffix: name for name, suffix in FORMATS.items()}
-        fmt = by_suffix.get(Path(args.out).suffix.lower())
-        if fmt is None:
-            raise DenseNetError(f"say --format onnx, torchscript or exported (cannot tell from {args.out!r})")
-    if fmt not in FORMATS:
-        raise DenseNetError(f"unsupported export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    out = check_output_path(args.out)
-    model, metadata = load_weights(args.weights)
-    worst = export_model(model, metadata, fmt, out)
-    size = out.stat().st_size / 1e6
-    print(f"wrote {out} ({fmt}, {size:.1f} MB); checked: logits within {worst:.1e} of PyTorch's "
-          f"at batch sizes {' and '.join(map(str, CHECK_BATCHES))}")
-    return 0

@@ -18,9 +18,6 @@ missing or broken file stops the command with one line naming it.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +29,7 @@ from torch import Tensor
 
 from densenet.data.images import IMAGE_EXTENSIONS, load_image
 from densenet.data.registry import DATASETS
-from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
-from densenet.inference.engines import CHOICES
 
 
 @dataclass(frozen=True)
@@ -138,40 +133,3 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
         values, indices = probabilities.topk(k, dim=1)
         for path, vals, idxs in zip(paths, values.tolist(), indices.tolist(), strict=True):
             yield Prediction(str(path), [(i, classes[i], v) for i, v in zip(idxs, vals, strict=True)])
-
-
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth), a run folder, or a "
-                        "model name with published ImageNet weights (densenet121, densenet161, densenet169, "
-                        "densenet201)")
-    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per image and line")
-    parser.add_argument("--device", default="auto", help="auto (default: cuda when there is one), cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--engine", choices=CHOICES, default="auto",
-                        help="how to run the network (default auto: OpenVINO bf16 on a CPU with native bf16, else "
-                             "OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; see `densenet "
-                             "bench inference`; eager: plain PyTorch)")
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    from densenet.models.weights import load_weights
-
-    if args.top_k < 1:
-        raise DenseNetError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise DenseNetError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = resolve_device(args.device)
-    images = find_images(args.images)  # every path checked before the model is loaded
-    model, metadata = load_weights(args.weights)
-    say = lambda line: print(f"densenet predict: {line}", file=sys.stderr)  # noqa: E731 - stdout stays the results
-    for prediction in predict(model, metadata, images, args.top_k, device, args.batch_size, args.engine, say):
-        if args.json:
-            print(json.dumps(prediction.as_json()))
-        else:
-            print(prediction.image)
-            for index, name, probability in prediction.classes:
-                print(f"  {probability:8.4f}  {name} ({index})")
-        sys.stdout.flush()
-    return 0

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from densenet.errors import ConfigError
+from densenet.errors import ConfigError, DenseNetError
 
 _LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var"
                      r"|num_batches_tracked))$")
@@ -65,3 +65,20 @@ def torchvision_reference(model: nn.Module, memory_efficient: bool = False) -> n
         raise ConfigError("the torchvision reference takes 3 input channels; drop --in-chans")
     reference.load_state_dict(model.state_dict())
     return reference
+
+
+def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str, strict: bool = True) -> None:
+    """``load_state_dict`` with a one-line, actionable message when the architectures differ."""
+    own = model.state_dict()
+    state = remap_legacy_keys(state)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in state and state[k].shape != own[k].shape]
+    if mismatched or (strict and (missing or unexpected)):
+        detail = "; ".join(part for part in (
+            f"{len(mismatched)} shapes differ (e.g. {mismatched[0]})" if mismatched else "",
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "") if part)
+        raise DenseNetError(f"{source} does not fit this model ({detail}): another architecture or class count?")
+    model.load_state_dict(state, strict=strict)

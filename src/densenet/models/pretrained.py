@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 
 from densenet.errors import DenseNetError
+from densenet.models.compat import load_into
 
 # Our registry names with published torchvision weights (densenet264 has none).
 PRETRAINED = ("densenet121", "densenet161", "densenet169", "densenet201")
@@ -105,8 +106,6 @@ def load_pretrained(model: torch.nn.Module, name: str, progress: bool = True) ->
 
     Returns the metadata, which is also kept as ``model.pretrained_cfg`` (timm's attribute name).
     """
-    from densenet.models.weights import load_into
-
     state = pretrained_state_dict(name, progress)
     metadata = pretrained_metadata(name)
     own = model.state_dict()

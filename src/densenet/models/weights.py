@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save
 from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
 from densenet.files import atomic_write, safe_load
-from densenet.models.compat import remap_legacy_keys
+from densenet.models.compat import load_into, remap_legacy_keys  # noqa: F401 - load_into: weights' public face
 from densenet.models.densenet import DenseNet
 from densenet.models.registry import MODELS
 
@@ -196,20 +196,3 @@ def load_weights(path: str | os.PathLike, map_location: str | torch.device = "cp
         raise DenseNetError(f"{path}: its metadata does not describe a valid DenseNet: {exc}") from exc
     load_into(model, state, source=str(path))
     return model.to(map_location), metadata
-
-
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
-    """``load_state_dict`` with a one-line, actionable message when the architectures differ."""
-    own = model.state_dict()
-    state = remap_legacy_keys(state)
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                  if k in state and state[k].shape != own[k].shape]
-    if mismatched or (strict and (missing or unexpected)):
-        detail = "; ".join(part for part in (
-            f"{len(mismatched)} shapes differ (e.g. {mismatched[0]})" if mismatched else "",
-            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "") if part)
-        raise DenseNetError(f"{source} does not fit this model ({detail}): another architecture or class count?")
-    model.load_state_dict(state, strict=strict)

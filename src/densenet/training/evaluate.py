@@ -15,68 +15,17 @@ exactly the error ``densenet train`` reported. ``--amp bf16`` and a GPU run eage
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
 
 import torch
 
-from densenet.data.augment import TTA_VIEWS
 from densenet.data.datasets import load_data
 from densenet.data.registry import DATASETS
 from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
-from densenet.inference.engines import CHOICES
 from densenet.training.distributed import Dist
 from densenet.training.engine import Batches, evaluate
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("weights", nargs="?", metavar="RUN_DIR_OR_WEIGHTS",
-        help="a run folder, a model.safetensors, a checkpoint, torchvision/timm weights, or a model name "
-             "with published ImageNet weights (densenet121, densenet161, densenet169, densenet201)")
-    add("--checkpoint", metavar="RUN_DIR_OR_WEIGHTS", help="the same, as an option")
-    add("--dataset", help=f"one of {', '.join(DATASETS)} (default: the one the weights were trained on)")
-    add("--data-dir", help="where the data set is (default data/<dataset>)")
-    add("--batch-size", type=int, default=128)
-    add("--workers", type=int, default=4)
-    add("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    add("--ten-crop", action="store_true", help="ImageNet/folders: average the ten crops (resize 256, crop 224)")
-    add("--tta", choices=list(TTA_VIEWS), default="none", help="flip: average the softmax of each image and its "
-        "mirror image; flip-shift: also of both moved one pixel down-right and up-left (as densenet train --tta "
-        "evaluates)")
-    add("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (default none: fp32)")
-    add("--engine", choices=CHOICES, default="auto", help="how to run the network (default auto: OpenVINO "
-        "bf16 on a CPU with native bf16, else OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; "
-        "eager: plain PyTorch, the error train reported)")
-    add("--json", action="store_true", help="print one JSON object: top1_error, top5_error (percent), n, ...")
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    if bool(args.weights) == bool(args.checkpoint):
-        raise DenseNetError("give the weights to evaluate once: densenet evaluate RUN_DIR_OR_WEIGHTS (or --checkpoint)")
-    result = evaluate_weights(args.weights or args.checkpoint, args.dataset, args.data_dir, batch_size=args.batch_size,
-                              workers=args.workers, device=args.device, ten_crop=args.ten_crop, tta=args.tta,
-                              amp=args.amp, engine=args.engine)
-    if result["engine_note"] and not args.json:
-        print(f"densenet evaluate: {result['engine_note']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result, allow_nan=False))  # valid JSON: a diverged model's errors are null
-    elif not result["diverged"]:
-        views = {"flip": " (image and mirror averaged)", "flip-shift": " (6 views averaged: flip-shift)"}
-        crop = " (ten-crop)" if result["ten_crop"] else views.get(args.tta, "")
-        print(f"{result['model']} on {result['dataset']} test ({result['n']} images){crop}: "
-              f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
-              f"({result['engine']} engine)")
-    if result["diverged"]:
-        print(f"densenet evaluate: error: the weights diverged: the loss on {result['dataset']} is not finite "
-              f"(NaN or infinite outputs), so there is no error rate; evaluate an earlier checkpoint",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, *,

@@ -11,7 +11,6 @@ are TrainOptions' fields (training/options.py), plus --config, --eager and --res
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -29,31 +28,8 @@ from densenet.models import create_model
 from densenet.training import distributed, fast, run_folder
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
 from densenet.training.engine import Batches, NonFiniteLoss, Stats, epoch_seed, evaluate, train_one_epoch
-from densenet.training.options import FLAGS, TrainOptions, add_flags, resolve_options
+from densenet.training.options import TrainOptions, resolve_options
 from densenet.training.schedule import build_optimizer, build_scheduler, per_step
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``train`` flags: one per TrainOptions field (``options.add_flags``), and three of this command's own.
-
-    Every flag defaults to None, so that only the flags actually given override a recipe.
-    """
-    add = parser.add_argument
-    add("--config", metavar="FILE.yaml", help="a recipe (configs/*.yaml); flags given here override it")
-    add_flags(parser)
-    add("--eager", action="store_true", default=None, help="plain eager PyTorch, NCHW: the same as --compile off "
-        "--no-channels-last")
-    add("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name, None) for name in FLAGS}
-    if getattr(args, "eager", None):
-        if args.compile not in (None, "off") or args.channels_last:
-            raise ConfigError("--eager means --compile off and --no-channels-last; drop one of them")
-        overrides.update(compile="off", channels_last=False)
-    train(recipe=args.config, overrides=overrides, resume=args.resume)
-    return 0
 
 
 def _resolve_device(options: TrainOptions) -> torch.device:
@@ -337,11 +313,3 @@ def _finish(options: TrainOptions, model: torch.nn.Module, data: Data, run_dir: 
 
 def _say(line: str) -> None:
     print(line, flush=True)
-
-
-if __name__ == "__main__":  # python -m densenet.training.train ... (the same flags as densenet train)
-    import sys
-
-    from densenet.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

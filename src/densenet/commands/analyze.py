@@ -1,0 +1,43 @@
+"""``densenet analyze ANALYSIS ...``: analyses of a trained model.
+
+    densenet analyze reuse runs/cifar10 --out docs/reuse     # the paper's Figure 5: reuse.png, reuse.csv
+
+The work is ``densenet.analysis.reuse``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from densenet.analysis.reuse import feature_reuse, write_reuse
+
+# name -> (module with add_NAME_arguments/run_NAME, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "reuse": ("densenet.commands.analyze", "the paper's Figure 5: feature reuse inside each dense block"),
+}
+DEST = "analysis"
+
+def add_reuse_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Mean absolute weight from each source layer s to each target layer l of every dense block, "
+                          "as reuse.png and reuse.csv.")
+    parser.add_argument("weights", help="a weights file or run folder")
+    parser.add_argument("--out", required=True, help="output folder (created if needed)")
+    parser.add_argument("--title", default=None, help="figure title (default: model and data set)")
+
+
+def run_reuse(args: argparse.Namespace) -> int:
+    from densenet.models.weights import load_weights
+
+    model, metadata = load_weights(args.weights)
+    title = args.title if args.title is not None else " on ".join(
+        str(metadata[k]) for k in ("model", "dataset") if metadata.get(k))
+    csv_path, png_path = write_reuse(model, args.out, title)
+    for r in feature_reuse(model):
+        own = np.nanmean(np.diag(r.mean_abs)[: r.num_layers])  # each layer reading its direct predecessor
+        first = np.nanmean(r.mean_abs[0, : r.num_layers])  # each layer reading the block input
+        print(f"block {r.block}: {r.num_layers} layers; mean |w| from the previous layer {own:.4g}, "
+              f"from the block input {first:.4g}, into {r.targets[-1]} {np.nanmean(r.mean_abs[:, -1]):.4g}")
+    print(f"wrote {png_path} and {csv_path}")
+    return 0

@@ -1,0 +1,55 @@
+"""``densenet predict WEIGHTS_OR_RUN_DIR IMAGE_OR_FOLDER...``: the top-k classes of image files.
+
+    densenet predict runs/digits my_digit.png             # top 5 classes with probabilities
+    densenet predict model.safetensors photos/ --top-k 1 --json
+
+The work is ``densenet.deploy.predict.predict``; its docstring says how images are prepared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from densenet.deploy.predict import find_images, predict
+from densenet.devices import resolve_device
+from densenet.errors import DenseNetError
+from densenet.inference.engines import CHOICES
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth), a run folder, or a "
+                        "model name with published ImageNet weights (densenet121, densenet161, densenet169, "
+                        "densenet201)")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda when there is one), cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--engine", choices=CHOICES, default="auto",
+                        help="how to run the network (default auto: OpenVINO bf16 on a CPU with native bf16, else "
+                             "OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; see `densenet "
+                             "bench inference`; eager: plain PyTorch)")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from densenet.models.weights import load_weights
+
+    if args.top_k < 1:
+        raise DenseNetError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise DenseNetError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    images = find_images(args.images)  # every path checked before the model is loaded
+    model, metadata = load_weights(args.weights)
+    say = lambda line: print(f"densenet predict: {line}", file=sys.stderr)  # noqa: E731 - stdout stays the results
+    for prediction in predict(model, metadata, images, args.top_k, device, args.batch_size, args.engine, say):
+        if args.json:
+            print(json.dumps(prediction.as_json()))
+        else:
+            print(prediction.image)
+            for index, name, probability in prediction.classes:
+                print(f"  {probability:8.4f}  {name} ({index})")
+        sys.stdout.flush()
+    return 0
