@@ -93,3 +93,40 @@ def test_every_installed_engine_gives_eager_s_errors_on_the_same_images(tmp_path
     assert "(folded engine)" in capsys.readouterr().out
     assert main(["evaluate", "--checkpoint", str(path), "--data-dir", data, "--workers", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 12
+
+
+@pytest.mark.slow
+def test_evaluate_applies_the_runs_recorded_tta_and_reproduces_its_error(tmp_path, capsys):
+    import csv
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from densenet.models.weights import METADATA_KEY
+    from densenet.training.train import train
+    from tests.helpers import TINY_MODEL, make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class=6, size=32)
+    run = tmp_path / "run"
+    train(overrides={"model": TINY_MODEL, "dataset": "cifar10", "data_dir": str(data), "epochs": 1, "batch_size": 4,
+                     "device": "cpu", "quiet": True, "out": str(run), "tta": "flip-shift", "compile": "off",
+                     "channels_last": False, "amp": "none"})
+    reported = float(list(csv.DictReader(open(run / "metrics.csv")))[-1]["test_error"])
+    result = evaluate_weights(str(run), data_dir=str(data), workers=0, device="cpu", engine="eager")
+    assert (result["tta"], result["tta_source"]) == ("flip-shift", "the weights' metadata")
+    assert result["top1_error"] == pytest.approx(reported, abs=1e-3)
+    one_view = evaluate_weights(str(run), data_dir=str(data), workers=0, device="cpu", engine="eager", tta="none")
+    assert (one_view["tta"], one_view["tta_source"]) == ("none", "given")
+
+    # Weights saved before the metadata held the TTA: config.yaml beside them says it.
+    weights = run / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    meta = json.loads(metadata[METADATA_KEY])
+    assert meta.pop("tta") == "flip-shift"
+    save_file(load_file(weights), weights, metadata={**metadata, METADATA_KEY: json.dumps(meta)})
+    assert main(["evaluate", str(weights), "--data-dir", str(data), "--workers", "0", "--device", "cpu",
+                 "--engine", "eager"]) == 0
+    out, err = capsys.readouterr()
+    assert "test-time augmentation flip-shift" in err and "config.yaml" in err
+    assert f"top-1 error {reported:.2f}%" in out and "6 views averaged" in out

@@ -32,9 +32,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, default=4)
     add("--device", choices=["cpu", "cuda", "auto"], default="auto")
     add("--ten-crop", action="store_true", help="ImageNet/folders: average the ten crops (resize 256, crop 224)")
-    add("--tta", choices=list(TTA_VIEWS), default="none", help="flip: average the softmax of each image and its "
-        "mirror image; flip-shift: also of both moved one pixel down-right and up-left (as densenet train --tta "
-        "evaluates)")
+    add("--tta", choices=list(TTA_VIEWS), default=None, help="default: the run's own (recorded in the weights or "
+        "its config.yaml; none if not recorded); flip: average the softmax of each image and its mirror image; "
+        "flip-shift: also of both moved one pixel down-right and up-left (as densenet train --tta evaluates); "
+        "none: one view")
     add("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (default none: fp32)")
     add("--engine", choices=CHOICES, default="auto", help="how to run the network (default auto: OpenVINO "
         "bf16 on a CPU with native bf16, else OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; "
@@ -50,11 +51,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
                               amp=args.amp, engine=args.engine)
     if result["engine_note"] and not args.json:
         print(f"densenet evaluate: {result['engine_note']}", file=sys.stderr)
+    if result["tta"] != "none" and result["tta_source"] != "given" and not args.json:
+        print(f"densenet evaluate: test-time augmentation {result['tta']}, as the run evaluated (from "
+              f"{result['tta_source']}; --tta none evaluates one view)", file=sys.stderr)
     if args.json:
         print(json.dumps(result, allow_nan=False))  # valid JSON: a diverged model's errors are null
     elif not result["diverged"]:
         views = {"flip": " (image and mirror averaged)", "flip-shift": " (6 views averaged: flip-shift)"}
-        crop = " (ten-crop)" if result["ten_crop"] else views.get(args.tta, "")
+        crop = " (ten-crop)" if result["ten_crop"] else views.get(result["tta"], "")
         print(f"{result['model']} on {result['dataset']} test ({result['n']} images){crop}: "
               f"top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}% "
               f"({result['engine']} engine)")

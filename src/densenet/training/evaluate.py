@@ -11,15 +11,21 @@ fastest inference engine that keeps eager's accuracy here (``--engine auto``: Op
 native bf16, else fp32; checked against eager on the first test images; see ``densenet.inference.engines``;
 it is named in the output), or the one ``--engine`` names; ``--engine eager`` is plain PyTorch and gives
 exactly the error ``densenet train`` reported. ``--amp bf16`` and a GPU run eager PyTorch under ``auto``.
+
+Test-time augmentation is the run's own unless ``tta`` is given: the weights' metadata records it (``tta``), and
+for weights saved before it did, the ``config.yaml`` of the run folder they are in; so evaluating a run folder
+reproduces the error its training reported, to the image, with ``--engine eager``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 
+from densenet.data.augment import TTA_VIEWS
 from densenet.data.datasets import load_data
 from densenet.data.registry import DATASETS
 from densenet.devices import resolve_device
@@ -30,8 +36,11 @@ from densenet.training.engine import Batches, evaluate
 
 def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, *,
                      batch_size: int = 128, workers: int = 4, device: str = "auto", ten_crop: bool = False,
-                     tta: str = "none", amp: str = "none", engine: str = "auto") -> dict:
-    """Top-1/top-5 error, loss and count of the weights on the test split, and the inference engine that ran."""
+                     tta: str | None = None, amp: str = "none", engine: str = "auto") -> dict:
+    """Top-1/top-5 error, loss and count of the weights on the test split, and the inference engine that ran.
+
+    ``tta=None`` applies the run's recorded test-time augmentation (``run_tta``); the result says which ran and
+    where it came from (``tta``, ``tta_source``)."""
     from densenet.inference.engines import build_engine
     from densenet.models.weights import load_weights
 
@@ -39,6 +48,9 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
         raise DenseNetError(f"--batch-size must be a positive integer, not {batch_size}")
     dev = resolve_device(device)
     model, meta = load_weights(checkpoint)
+    tta_source = "given"
+    if tta is None:  # ten crops are views of their own: they replace the run's, as ImageNet's protocol has it
+        tta, tta_source = ("none", "ten-crop") if ten_crop else run_tta(checkpoint, meta)
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise DenseNetError(f"{checkpoint} does not say which data set it was trained on; pass --dataset")
@@ -68,9 +80,29 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
     return {"model": meta.get("model"), "dataset": dataset,
             "top1_error": None if diverged else round(stats.error, 4),
             "top5_error": None if diverged else round(stats.top5_error, 4), "n": stats.n,
-            "loss": None if diverged else round(stats.loss, 6), "ten_crop": ten_crop, "tta": tta, "amp": amp,
+            "loss": None if diverged else round(stats.loss, 6), "ten_crop": ten_crop, "tta": tta,
+            "tta_source": tta_source, "amp": amp,
             "diverged": diverged, "engine": forward.name, "engine_build_seconds": round(forward.build_seconds, 3),
             "engine_note": forward.note}
+
+
+def run_tta(weights: str, metadata: dict) -> tuple[str, str]:
+    """The test-time augmentation the run evaluated with, and where that was read: the weights' metadata, else
+    the ``config.yaml`` of the run folder the weights are (or are in), else none."""
+    if metadata.get("tta"):
+        return str(metadata["tta"]), "the weights' metadata"
+    path = Path(weights)
+    config = (path if path.is_dir() else path.parent) / "config.yaml"
+    if path.exists() and config.is_file():
+        import yaml
+
+        try:
+            recorded = (yaml.safe_load(config.read_text()) or {}).get("tta")
+        except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str) and recorded in TTA_VIEWS:
+            return recorded, str(config)
+    return "none", "default"
 
 
 def _first_test_images(data, count: int) -> torch.Tensor:

@@ -72,7 +72,7 @@ def eval_size(options: TrainOptions, per_rank: int) -> int:
 def _metadata(options: TrainOptions, data: Data, model: torch.nn.Module) -> dict[str, Any]:
     return {"model": options.model, "config": dict(model.config), "classes": list(data.classes),
             "mean": list(data.mean), "std": list(data.std), "input_size": int(data.input_size),
-            "dataset": data.name, "memory_efficient": False}
+            "dataset": data.name, "memory_efficient": False, "tta": options.tta}
 
 
 def _rng_state() -> dict[str, Any]:
