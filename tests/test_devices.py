@@ -28,3 +28,16 @@ def test_autocast():
         assert (a @ a).dtype == torch.bfloat16
     with pytest.raises(ConfigError):
         autocast(torch.device("cpu"), "int8")
+
+
+def test_cpu_info_is_read_in_one_place():
+    """devices.cpu_info is the only reader of /proc/cpuinfo (bench, engines and bf16 detection ask it)."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "densenet"
+    readers = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if '"/proc/cpuinfo"' in p.read_text())
+    assert readers == ["devices.py"]
+    from densenet.devices import cpu_info, cpu_model
+
+    if Path("/proc/cpuinfo").exists():
+        assert cpu_info().get("model name") and cpu_info()["model name"] in cpu_model()

@@ -53,6 +53,29 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of Linux's /proc/cpuinfo ("model name", "flags", ...); {} elsewhere. The one
+    place the file is read: native bf16 is decided from its flags, and every benchmark names the CPU from it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name and core count, as benchmarks print it beside their figures."""
+    import os
+    import platform
+
+    name = cpu_info().get("model name") or platform.processor() or "unknown CPU"
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 natively (not emulated through fp32, which is slower than fp32).
 
@@ -64,11 +87,7 @@ def native_bf16(device: torch.device) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info().get("flags", "").split()))
 
 
 def synchronize(device: torch.device) -> None:

@@ -28,11 +28,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def default_input_size(model: DenseNet) -> int:
-    """224 for the ImageNet form, 32 for the CIFAR/SVHN form (``registry.default_input_size``)."""
-    return registry.default_input_size(model.stem)
-
-
 def _layers(config: Mapping[str, Any], input_size: int):
     """Every convolution and the linear layer of the network ``config`` describes, in order, as
     (input channels, output channels, kernel side, output side) (the linear layer: kernel and side 1), and
@@ -122,7 +117,7 @@ def table1(model: DenseNet, input_size: int | None = None) -> list[Stage]:
 
     from densenet.models.densenet import DenseBlock, Transition
 
-    size = input_size or default_input_size(model)
+    size = input_size or registry.default_input_size(model.stem)
     meta = _shape_copy(model).eval()
     shapes: dict[str, tuple[int, ...]] = {}
     handles = [module.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
@@ -158,7 +153,7 @@ def table1(model: DenseNet, input_size: int | None = None) -> list[Stage]:
 
 
 def format_table1(name: str, model: DenseNet, input_size: int | None = None) -> str:
-    size = input_size or default_input_size(model)
+    size = input_size or registry.default_input_size(model.stem)
     rows = table1(model, size)
     width = max(len(r.name) for r in rows)
     out_width = max(len(r.output_size) for r in rows)

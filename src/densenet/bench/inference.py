@@ -32,8 +32,9 @@ import time
 import torch
 from torch import Tensor, nn
 
+from densenet.devices import cpu_model
 from densenet.errors import ConfigError, DenseNetError
-from densenet.inference.engines import ENGINES, Engine, build_engine, missing_package
+from densenet.inference.engines import ENGINES, Engine, build_engine, calibration_images, missing_package
 
 TORCHVISION = "torchvision eager fp32"
 EAGER = "eager"
@@ -125,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     images, labels = _test_images(data, args.limit, mean, std)
     engines_asked = args.engines or [e for e in ENGINES if e != "eager" and not missing_package(e)]
     needs_calibration = any(e.endswith("-int8") for e in engines_asked)
-    calibration = _calibration(data, args.calibration_images, mean, std) if needs_calibration else None
+    calibration = (calibration_images(data.train, args.calibration_images, mean, std)
+                   if needs_calibration and data.train is not None and args.calibration_images > 0 else None)
     if args.input_size and images.shape[-1] != args.input_size:
         images = _resize(images, args.input_size)
         calibration = _resize(calibration, args.input_size) if calibration is not None else None
@@ -151,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     peaks = [peak_before, _fp32_peak()]
     report = dict(weights=weights, model=metadata.get("model"), dataset=dataset, test_images=len(labels),
                   input_size=int(images.shape[-1]), batch_size=args.batch_size, threads=torch.get_num_threads(),
-                  cpu=_cpu_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  cpu=cpu_model(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   matmul_peak_gflops=[round(p / 1e9, 1) for p in peaks], auto=auto.name, auto_note=auto.note,
                   results=rows)
     if args.json:
@@ -245,18 +247,6 @@ def _test_images(data, limit: int | None, mean, std) -> tuple[Tensor, Tensor]:
     return torch.cat(images), torch.cat(labels)
 
 
-def _calibration(data, count: int, mean, std) -> Tensor | None:
-    from densenet.data.augment import normalize
-
-    train = data.train
-    if train is None or count <= 0:
-        return None
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:count]
-    if hasattr(train, "images"):
-        return normalize(train.images[pick], mean, std)
-    return torch.stack([train[i][0] for i in pick.tolist()])
-
-
 def _resize(images: Tensor, size: int) -> Tensor:
     return torch.cat([nn.functional.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False)
                       for chunk in images.split(256)])
@@ -269,13 +259,3 @@ def _torchvision(model: nn.Module) -> nn.Module | None:
         return torchvision_reference(model)
     except ConfigError:
         return None  # not a DenseNet-BC: torchvision has no such network; the speed-ups are against ours
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        import platform
-
-        return platform.processor() or "?"

@@ -77,6 +77,7 @@ def model_names(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densenet.devices import cpu_model
     from densenet.errors import ConfigError
 
     if args.batch_size <= 0 or args.threads <= 0 or args.repeats < 0 or args.input_size < 8:
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         timed = _subprocess("time", dict(common, modes=args.modes, repeats=args.repeats)) if args.repeats else {}
         times, peaks = timed.get("seconds", {}), timed.get("matmul_peak_gflops")
         for mode in args.modes:
-            record = dict(common, mode=mode, command=command.strip(), date=date, cpu=_cpu_model(), **memory[mode],
+            record = dict(common, mode=mode, command=command.strip(), date=date, cpu=cpu_model(), **memory[mode],
                           seconds_per_step=times.get(mode), matmul_peak_gflops=peaks)
             records.append(record)
             print(_line(record), flush=True)
@@ -103,15 +104,6 @@ def run(args: argparse.Namespace) -> int:
             plot(all_records, args.plot)
     print(f"wrote {args.results}, {args.markdown}" + (f", {args.plot}" if args.plot else ""))
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or 'unknown CPU'}, {os.cpu_count()} CPUs"
 
 
 def _line(r: dict) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,13 +28,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from densenet.analysis.complexity import count_macs, default_input_size
-from densenet.devices import autocast, matmul_peak, resolve_device, synchronize
+from densenet.analysis.complexity import count_macs
+from densenet.devices import autocast, cpu_model, matmul_peak, resolve_device, synchronize
 from densenet.errors import ConfigError
 from densenet.inference.engines import ENGINES, build_engine
 from densenet.models.compat import torchvision_reference
 from densenet.models.densenet import DenseNet
-from densenet.models.registry import create_model
+from densenet.models.registry import create_model, default_input_size
 from densenet.training import fast
 
 
@@ -196,7 +195,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     ours = create_model(args.model, memory_efficient=args.memory_efficient)
     reference = torchvision_reference(ours)
-    size = args.input_size or default_input_size(ours)
+    size = args.input_size or default_input_size(ours.stem)
     macs = count_macs(ours, size)
     peak = matmul_peak(device, args.precision, args.matmul_size)
     train_batch = args.batch_size or (16 if size >= 128 else 64)
@@ -232,7 +231,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         settings=dict(device=str(device), precision=args.precision, channels_last=args.channels_last,
                       compile=args.compile, memory_efficient=args.memory_efficient, engine=args.engine,
                       threads=torch.get_num_threads(), warmup=args.warmup, repeats=args.repeats),
-        machine=dict(processor=platform.processor() or platform.machine(), torch=torch.__version__,
+        machine=dict(processor=cpu_model(), torch=torch.__version__,
                      gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
         matmul_peak_flops=peak, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         results=[asdict(r) for r in results], train_profile=profiles, paths=paths,

@@ -327,3 +327,14 @@ def _evict(root: Path, keep: int, abandoned_after: float = 86400.0, grace: float
     for used, path in sorted(entries, reverse=True)[keep:]:
         if now - used > grace:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def calibration_images(train, count: int, mean, std) -> Tensor:
+    """``count`` seeded training images (the same ones every time), normalised as for evaluation: what an int8
+    engine is calibrated on. ``train`` is an in-memory split (uint8 images) or a streamed data set."""
+    from densenet.data.augment import normalize
+
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:count]
+    if hasattr(train, "images"):
+        return normalize(train.images[pick], mean, std)
+    return torch.stack([train[i][0] for i in pick.tolist()])

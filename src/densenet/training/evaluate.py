@@ -119,13 +119,10 @@ def _first_test_images(data, count: int) -> torch.Tensor:
 
 def _calibration(dataset: str, data_dir: str | None, meta: dict, count: int = 512) -> torch.Tensor:
     """``count`` seeded training images, normalised as for evaluation: what an int8 engine is calibrated on."""
-    from densenet.data.augment import normalize
-
     try:
         data = load_data(dataset, data_dir, train=True, input_size=meta.get("input_size"))
     except DenseNetError as exc:
         raise DenseNetError(f"an int8 engine is calibrated on training images, and there are none: {exc}") from exc
-    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(1))[:count]
-    if hasattr(data.train, "images"):  # in memory: uint8, normalised as in training
-        return normalize(data.train.images[pick], meta.get("mean") or data.mean, meta.get("std") or data.std)
-    return torch.stack([data.train[i][0] for i in pick.tolist()])
+    from densenet.inference.engines import calibration_images
+
+    return calibration_images(data.train, count, meta.get("mean") or data.mean, meta.get("std") or data.std)
