@@ -36,8 +36,12 @@ from densenet.training.engine import Batches, evaluate
 
 def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, *,
                      batch_size: int = 128, workers: int = 4, device: str = "auto", ten_crop: bool = False,
-                     tta: str | None = None, amp: str = "none", engine: str = "auto") -> dict:
+                     tta: str | None = None, amp: str = "none", engine: str = "auto",
+                     metadata: dict | None = None) -> dict:
     """Top-1/top-5 error, loss and count of the weights on the test split, and the inference engine that ran.
+
+    ``metadata`` (mean, std, classes, dataset...) is attached to weights that lack it, over what they carry; what
+    was assumed for lack of it is returned as ``assumed`` (None when the weights said everything needed).
 
     ``tta=None`` applies the run's recorded test-time augmentation (``run_tta``); the result says which ran and
     where it came from (``tta``, ``tta_source``)."""
@@ -48,6 +52,7 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
         raise DenseNetError(f"--batch-size must be a positive integer, not {batch_size}")
     dev = resolve_device(device)
     model, meta = load_weights(checkpoint)
+    meta = {**meta, **(metadata or {})}
     tta_source = "given"
     if tta is None:  # ten crops are views of their own: they replace the run's, as ImageNet's protocol has it
         tta, tta_source = ("none", "ten-crop") if ten_crop else run_tta(checkpoint, meta)
@@ -60,11 +65,18 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
     classes = meta.get("classes")
     if classes and len(classes) != data.num_classes:
         raise DenseNetError(f"{checkpoint} predicts {len(classes)} classes but {dataset} has {data.num_classes}")
+    if int(model.config.get("in_chans", 3)) != data.in_chans:
+        raise DenseNetError(f"{checkpoint} takes {model.config.get('in_chans', 3)}-channel images but {dataset} has "
+                            f"{data.in_chans}-channel images")
     if model.config.get("num_classes") != data.num_classes:
         raise DenseNetError(f"{checkpoint} has {model.config.get('num_classes')} outputs but {dataset} has "
                             f"{data.num_classes} classes")
+    assumed = None
     if meta.get("mean") and data.in_memory:  # normalise as in training
         data = dataclasses.replace(data, mean=list(meta["mean"]), std=list(meta["std"]))
+    elif data.in_memory:  # weights without metadata: the data set's own statistics, which training would have used
+        assumed = (f"normalised with {dataset}'s mean {_short(data.mean)} and std {_short(data.std)} as loaded "
+                   f"here" + ("" if meta.get("classes") else f", and {dataset}'s class names"))
     if amp != "none" and engine not in ("auto", "eager", "compile"):
         raise DenseNetError(f"--amp {amp} is autocast, which only eager PyTorch and compile apply; "
                             f"drop --engine {engine} or --amp")
@@ -83,7 +95,7 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
             "loss": None if diverged else round(stats.loss, 6), "ten_crop": ten_crop, "tta": tta,
             "tta_source": tta_source, "amp": amp,
             "diverged": diverged, "engine": forward.name, "engine_build_seconds": round(forward.build_seconds, 3),
-            "engine_note": forward.note}
+            "engine_note": forward.note, "assumed": assumed}
 
 
 def run_tta(weights: str, metadata: dict) -> tuple[str, str]:
@@ -126,3 +138,7 @@ def _calibration(dataset: str, data_dir: str | None, meta: dict, count: int = 51
     from densenet.inference.engines import calibration_images
 
     return calibration_images(data.train, count, meta.get("mean") or data.mean, meta.get("std") or data.std)
+
+
+def _short(values) -> str:
+    return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "]"
