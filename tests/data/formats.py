@@ -79,3 +79,70 @@ def write_class_folders(root: Path, classes: list[str], per_class: int, size: tu
             Image.fromarray(pixels).save(path)
             written[path] = pixels
     return written
+
+
+def write_medmnist(path: Path, counts: tuple[int, int, int] = (6, 3, 4), image_shape: tuple[int, ...] = (8, 8),
+                   labels: str = "binary", classes: int = 2, seed: int = 0, **overrides) -> dict[str, np.ndarray]:
+    """A MedMNIST .npz file: {train,val,test}_images uint8 (N, *image_shape) and _labels (N, 1) class indices
+    (``labels="binary"`` or ``"multiclass"`` over ``classes``) or (N, classes) 0/1 (``"multilabel"``), every
+    class present in train. ``overrides`` replace or (with None) drop arrays, to make malformed files."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), counts, strict=True):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
+        if labels == "multilabel":
+            y = rng.integers(0, 2, (n, classes)).astype(np.uint8)
+            y[0] = 1  # every label present at least once
+            y[1] = 0  # and absent at least once
+        else:
+            y = (np.arange(n) % classes).reshape(n, 1).astype(np.uint8)
+        arrays[f"{split}_labels"] = y
+    arrays.update(overrides)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **{k: v for k, v in arrays.items() if v is not None})
+    return arrays
+
+
+def write_labelled_images(folder: Path, names: list[str], size: int = 8,
+                          gray: bool = False, ext: str = ".png", seed: int = 0) -> dict[str, np.ndarray]:
+    """folder/images/<name> files of ``size`` px (no resizing needed to compare pixels); the pixels by name,
+    (3, H, W) (or (1, H, W) when ``gray``)."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names:
+        if gray:
+            pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
+            out[name] = pixels[None]
+        else:
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            out[name] = pixels.transpose(2, 0, 1)
+        Image.fromarray(pixels).save(folder / "images" / name)
+    return out
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    """A CSV file with ``header`` and ``rows`` (cells written with str())."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(header)] + [",".join(_cell(c) for c in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cell(value) -> str:
+    text = str(value)
+    return f'"{text}"' if "," in text else text
+
+
+def write_volumes(folder: Path, names: list[str], shape: tuple[int, int, int] = (4, 5, 6), dtype=np.uint8,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """folder/images/<name>.npy volumes (D, H, W): uint8 0..255 or float32 0..1; the arrays by name."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names:
+        volume = (rng.integers(0, 256, shape, dtype=np.uint8) if dtype == np.uint8
+                  else rng.random(shape).astype(dtype))
+        np.save(folder / "images" / name, volume)
+        out[name] = volume
+    return out

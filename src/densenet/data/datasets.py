@@ -9,7 +9,16 @@
   images held out for validation (400 per class from train, 200 per class from extra), pixels / 255;
 - imagenet: ``train/`` and ``val/`` class folders, streamed with the fb.resnet.torch transforms;
 - folder: your own ``train/`` and ``val/`` (or ``test/``) class folders, streamed likewise;
-- digits: scikit-learn's 1,797 8x8 handwritten digits, a stratified 20% test split (no download).
+- digits: scikit-learn's 1,797 8x8 handwritten digits, a stratified 20% test split (no download);
+- medmnist: a MedMNIST .npz file (``--data-dir`` is the file), 2D or 3D, with its own train/val/test
+  (``densenet.data.medmnist``);
+- csv: images, or .npy volumes, labelled by a CSV file (``--data-dir`` is the CSV or its folder), 0/1 columns
+  or |-separated label lists, a split column, split file or seeded split (``densenet.data.labelled``).
+
+Every Data carries its ``task`` (``densenet.data.task.Task``: multiclass, binary or multilabel), which decides
+the network's outputs (``data.task.num_outputs``), loss and metrics; the paper's sets are multiclass over
+``classes``. Split labels are int64 (N,) for multiclass and binary tasks, float32 (N, L) for multilabel ones.
+``spatial_dims`` is 3 for volumes, whose Split images are uint8 (N, C, D, H, W).
 
 The small sets are held in memory as uint8 tensors (``Split``) and augmented a batch at a time on the
 training device (``densenet.data.augment``); the large ones are torch Datasets for DataLoader workers.
@@ -20,7 +29,7 @@ What is known about each set before loading it (classes, size, defaults) is its 
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,39 +38,10 @@ import torch
 from densenet.data import folders
 from densenet.data.augment import channel_stats
 from densenet.data.registry import DATASETS, IMAGENET_MEAN, IMAGENET_STD, Augment, dataset_record
+from densenet.data.splits import Data, Split
+
+__all__ = ["Data", "Split", "load_data", "subset", "default_data_dir", "worker_error_message"]
 from densenet.errors import DenseNetError
-
-
-@dataclass
-class Split:
-    """An in-memory split: uint8 images (N, C, H, W) and int64 labels (N,)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass
-class Data:
-    name: str
-    classes: list[str]
-    in_chans: int
-    input_size: int
-    mean: list[float]
-    std: list[float]
-    train: Split | torch.utils.data.Dataset | None
-    test: Split | torch.utils.data.Dataset
-    val: Split | torch.utils.data.Dataset | None = None
-
-    @property
-    def in_memory(self) -> bool:
-        return isinstance(self.test, Split)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 def default_data_dir(name: str) -> Path:
@@ -70,10 +50,24 @@ def default_data_dir(name: str) -> Path:
 
 def load_data(name: str, data_dir: str | Path | None = None, *, augment: Augment | None = None,
               download: bool = False, input_size: int | None = None, train: bool = True,
-              ten_crop: bool = False, seed: int = 0) -> Data:
-    """The named data set; ``train=False`` loads the test split only (for ``densenet evaluate``)."""
+              ten_crop: bool = False, seed: int = 0, split_file: str | Path | None = None,
+              names: Sequence[str] | None = None) -> Data:
+    """The named data set; ``train=False`` loads the test split only (for ``densenet evaluate``).
+
+    For ``csv``: ``seed`` draws the split when the file gives none, ``split_file`` gives one (a run folder's
+    split.csv), ``names`` fixes the label names (a trained network's). ``medmnist`` and ``csv`` take the file
+    as ``data_dir``."""
     record = dataset_record(name)
     root = Path(data_dir) if data_dir else default_data_dir(name)
+    if name == "medmnist":
+        from densenet.data.medmnist import load_medmnist
+
+        return load_medmnist(root, train, input_size)
+    if name == "csv":
+        from densenet.data.labelled import load_labelled
+
+        return load_labelled(root, train=train, input_size=input_size, default_size=record.input_size, seed=seed,
+                             split_file=split_file, names=names)
     if name == "digits":
         return _digits(train)
     if name in ("cifar10", "cifar100"):
@@ -84,10 +78,14 @@ def load_data(name: str, data_dir: str | Path | None = None, *, augment: Augment
 
 
 def subset(split: Split, n: int, seed: int = 0) -> Split:
-    """A stratified random ``n`` of an in-memory split (the same for a given seed): for short runs."""
+    """A stratified random ``n`` of an in-memory split (the same for a given seed): for short runs.
+    Multi-label targets (N, L) are not stratified: a plain random ``n``."""
     if n >= len(split):
         return split
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    if split.labels.dim() == 2:
+        index = order[:n].sort().values
+        return Split(split.images[index], split.labels[index])
     classes = int(split.labels.max()) + 1
     per_class = -(-n // classes)
     taken = torch.zeros(classes, dtype=torch.long)

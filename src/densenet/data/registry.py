@@ -64,6 +64,14 @@ DATASETS: dict[str, DatasetRecord] = {record.name: record for record in (
     DatasetRecord("folder", "folder", None, 3, 224, False, "standard", IMAGENET_MEAN, IMAGENET_STD, "densenet121",
                   90, 64, None, dropout=False, preprocess="crop",
                   description="your own train/ and val/ (or test/) class folders, streamed"),
+    # MedMNIST's own protocol: 100 epochs, batch 128, the rate divided by 10 at 50 and 75; the size, channels
+    # and task come from the file (--data-dir FILE.npz), in_chans and input_size here are PneumoniaMNIST's.
+    DatasetRecord("medmnist", "MedMNIST", None, 1, 28, True, "standard", None, None, "densenet_bc100_k12", 100, 128,
+                  (50, 75), dropout=False,
+                  description="a MedMNIST .npz file (--data-dir FILE.npz), 2D or 3D, its own train/val/test"),
+    DatasetRecord("csv", "CSV", None, 3, 64, True, "standard", None, None, "densenet_bc100_k12", 100, 64, None,
+                  dropout=False, description="images or .npy volumes labelled by a CSV (--data-dir labels.csv), "
+                                             "0/1 columns or |-separated lists, decoded once to 64 px"),
 )}
 
 
