@@ -93,3 +93,17 @@ def test_selection_rule():
     assert rule.better(3.0, 4.0) and not rule.better(5.0, 4.0) and rule.better(9.0, rule.worst)
     auroc = selection_metric(BINARY)
     assert auroc.better(0.9, 0.8) and not auroc.better(math.nan, 0.1) and auroc.better(0.1, math.nan)
+
+
+def test_thresholds_chosen_on_validation_separate_what_can_be_separated():
+    from densenet.data.metrics import choose_thresholds
+
+    y = np.array([[0, 1], [0, 0], [1, 1], [1, 0], [0, 0]])
+    p = np.array([[0.10, 0.9], [0.20, 0.3], [0.30, 0.8], [0.35, 0.2], [0.15, 0.1]])  # label 0 separable at 0.3
+    for rule in ("youden", "f1"):
+        t = choose_thresholds(Task("multilabel", ("a", "b")), y, p, rule=rule)
+        decided = Task("multilabel", ("a", "b")).predict(p, threshold=t)
+        assert decided[:, 0].tolist() == y[:, 0].tolist()  # all right at the chosen threshold, none at 0.5
+        assert t[0] <= 0.3 and t[0] > 0.2
+    constant = choose_thresholds(BINARY, np.zeros(3), np.array([0.2, 0.9, 0.4]))
+    assert constant.tolist() == [0.5]

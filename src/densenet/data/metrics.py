@@ -23,7 +23,9 @@ One flat dict of floats per call, with the same keys for every call of a task ki
   multi-label literature).
 
 Which measure picks a checkpoint on validation data is ``selection_metric``: AUROC for binary and multilabel
-tasks (independent of a threshold, MedMNIST's first measure), the error for multiclass ones.
+tasks (independent of a threshold, MedMNIST's first measure), the error for multiclass ones. Per-label
+operating thresholds (torchxrayvision keeps them with the weights) come from ``choose_thresholds`` on
+validation data; the threshold-based measures above use 0.5 unless given others.
 """
 
 from __future__ import annotations
@@ -149,3 +151,38 @@ def _per_label(task: Task, y: np.ndarray, p: np.ndarray, threshold: float) -> di
     out.update({f"auroc/{n}": aurocs[n] for n in names})
     out.update({f"ap/{n}": aps[n] for n in names})
     return {key: out[key] for key in metric_keys(task)}
+
+
+def choose_thresholds(task: Task, targets, probs, rule: str = "youden") -> np.ndarray:
+    """One operating threshold per output, chosen on validation data (never on test), for ``Task.predict``.
+
+    ``rule``: "youden" (the ROC point of the largest sensitivity + specificity - 1, scikit-learn's
+    ``roc_curve``) or "f1" (the largest F1, from ``precision_recall_curve``). A label with a single class in
+    the targets keeps 0.5. The thresholds are set just below the chosen score, so that ``probs > threshold``
+    (``Task.predict``) decides as scikit-learn's ``probs >= score`` does.
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    if task.kind == "multiclass":
+        raise ValueError("thresholds are for binary and multilabel tasks; a multiclass task takes the argmax")
+    if rule not in ("youden", "f1"):
+        raise ValueError(f"rule must be 'youden' or 'f1', not {rule!r}")
+    p = _numpy(probs).astype(np.float64)
+    if task.kind == "binary" and p.ndim == 2 and p.shape[1] == 2:
+        p = p[:, 1]
+    y = _numpy(targets).reshape(len(p), -1).astype(np.int64)
+    p = p.reshape(len(p), -1)
+    out = np.full(p.shape[1], 0.5)
+    for j in range(p.shape[1]):
+        if np.unique(y[:, j]).size < 2:
+            continue
+        if rule == "youden":
+            fpr, tpr, scores = roc_curve(y[:, j], p[:, j])
+            best = scores[np.argmax(tpr - fpr)]
+        else:
+            precision, recall, scores = precision_recall_curve(y[:, j], p[:, j])
+            f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+            best = scores[np.argmax(f1)]
+        if np.isfinite(best):
+            out[j] = np.nextafter(best, -np.inf)
+    return out
