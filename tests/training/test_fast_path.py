@@ -37,6 +37,21 @@ def test_auto_compiles_only_runs_long_enough_to_pay_for_it():
     assert nhwc_eager.channels_last and not nhwc_eager.compile
 
 
+def test_the_path_chooses_the_dense_block_implementation():
+    # concat_free where it keeps the least memory (eager fp32 NCHW), plain where the buffer is slower or
+    # compiled around (compile, channels_last, autocast), efficient when asked for.
+    cpu = torch.device("cpu")
+    assert fast.plan(TrainOptions(), cpu, total_steps=10).block_impl == "concat_free"
+    assert fast.plan(TrainOptions(compile="on"), cpu, total_steps=10).block_impl == "plain"
+    assert fast.plan(TrainOptions(channels_last=True, compile="off"), cpu, total_steps=10).block_impl == "plain"
+    assert fast.plan(TrainOptions(amp="bf16"), cpu, total_steps=10).block_impl == "plain"
+    assert fast.plan(TrainOptions(memory_efficient=True, amp="bf16"), cpu, total_steps=10).block_impl == "efficient"
+    assert fast.plan(TrainOptions(), cpu, total_steps=10).to_dict()["block_impl"] == "concat_free"
+    for name, compile_, channels_last in fast.PATHS:
+        expected = "plain" if compile_ or channels_last else "concat_free"
+        assert fast.block_impl_for(compile_, channels_last, "none", False) == expected, name
+
+
 def test_inductor_cache_is_ours_unless_the_user_chose_one(monkeypatch, tmp_path):
     import torchvision  # noqa: F401 - importing it sets the variable to inductor's /tmp default
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -226,7 +241,13 @@ def test_flip_shift_tta_averages_the_softmax_over_six_views():
     assert sizes == [6] * 6
 
 
-def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys):
+def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys, monkeypatch):
+    import densenet.models.densenet as densenet_module
+
+    blocks = []  # the run's model really runs the implementation the path chose and config.yaml records
+    real = densenet_module.concat_free_block_forward
+    monkeypatch.setattr(densenet_module, "concat_free_block_forward",
+                        lambda block, x: blocks.append(block) or real(block, x))
     run = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "2", "--schedule", "onecycle", "--lr", "0.2", "--label-smoothing", "0.1",
                  "--weight-decay-on", "weights", "--tta", "flip", "--eager", "--out", str(run)]) == 0
@@ -234,6 +255,7 @@ def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys):
     assert "path: eager, NCHW, 1 threads, precision fp32 (--compile off)" in out
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["runtime"]["compile"] is False and config["runtime"]["channels_last"] is False
+    assert config["runtime"]["block_impl"] == "concat_free" and blocks and "dense blocks: concat_free" in out
     assert config["schedule"] == "onecycle" and config["tta"] == "flip" and config["label_smoothing"] == 0.1
     # The run folder's config.yaml is a valid recipe again (its runtime record is not an option).
     assert resolve_options(run / "config.yaml").schedule == "onecycle"
@@ -383,6 +405,7 @@ def test_time_paths_keeps_the_fastest_and_leaves_model_and_rng_alone(monkeypatch
     assert set(chosen.rates) == {name for name, _, _ in fast.PATHS} and all(r > 0 for r in chosen.rates.values())
     best = max(chosen.rates, key=chosen.rates.get)
     assert (best, chosen.compile, chosen.channels_last) in fast.PATHS and not chosen.timed
+    assert chosen.block_impl == fast.block_impl_for(chosen.compile, chosen.channels_last, "none", False)
     assert "timed fastest" in chosen.reason and best in chosen.reason
 
 

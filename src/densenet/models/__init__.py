@@ -1,5 +1,6 @@
-"""The models: ``DenseNet`` and its layers (densenet.py), the paper's configurations (registry.py), the
-memory-efficient and concatenation-free paths, loading others' weights (compat.py, weights.py, pretrained.py).
+"""The models: ``DenseNet`` and its layers (densenet.py), the paper's configurations (registry.py), the dense
+block's implementations (``block_impl``: plain in densenet.py, concat_free.py, efficient.py), loading others'
+weights (compat.py, weights.py, pretrained.py).
 
 Names are imported on first use, so that reading the registry (``densenet list``) does not load torch.
 """
@@ -7,6 +8,7 @@ Names are imported on first use, so that reading the registry (``densenet list``
 import importlib
 
 _NAMES = {"DenseBlock": "densenet", "DenseLayer": "densenet", "DenseNet": "densenet", "Transition": "densenet",
+          "BLOCK_IMPLS": "densenet", "set_block_impl": "densenet",
           "create_model": "registry", "list_models": "registry", "model_config": "registry",
           "load_state_dict_compat": "compat", "remap_legacy_keys": "compat"}
 __all__ = list(_NAMES)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+aten = torch.ops.aten
+
 
 class BlockBuffer:
     """The maps of one dense block's forward pass in one tensor, with each channel's batch statistics."""
@@ -118,3 +120,14 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
     unbiased = var * (count / max(count - 1, 1))
     bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
     bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def batch_norm_backward(grad: Tensor, x: Tensor, weight, mean: Tensor, var: Tensor, eps: float, batch: bool,
+                        mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """torch's fused BN backward kernel for BN(x) given its statistics: batch statistics (``batch``, the
+    gradient also flows through the mean and variance, as in a training-mode nn.BatchNorm2d) or running
+    ones; ``mask`` asks for the gradients of (input, weight, bias). Both buffer blocks call it."""
+    if batch:
+        return aten.native_batch_norm_backward(grad, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps,
+                                               mask)
+    return aten.native_batch_norm_backward(grad, x, weight, mean, var, None, None, False, eps, mask)

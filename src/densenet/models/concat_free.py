@@ -1,4 +1,5 @@
-"""The standard dense block without repeated concatenation or repeated BN statistics.
+"""The standard dense block without repeated concatenation or repeated BN statistics: ``block_impl="concat_free"``
+(models/densenet.py), which ``densenet train`` picks for eager fp32 NCHW training (training/fast.py).
 
 torchvision's dense layer l concatenates all l earlier maps (a fresh copy, O(L^2) data per block) and its
 BN1 recomputes the batch mean and variance of every channel, though a channel's statistics never change
@@ -26,28 +27,30 @@ now 9% (DenseNet-BC-250 k=24, batch 16; docs/memory.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from densenet.models.block_buffer import BlockBuffer, normalize_relu, update_running_stats
+from densenet.models.block_buffer import BlockBuffer, batch_norm_backward, normalize_relu, update_running_stats
 
-if TYPE_CHECKING:
-    from densenet.models.densenet import DenseBlock, DenseLayer
+# The blocks and layers are models/densenet.py's DenseBlock (a ModuleDict of DenseLayers) and DenseLayer; that
+# module imports this one, so they are typed here as the torch classes they derive from (no import cycle).
 
 aten = torch.ops.aten
 
 
-def concat_free_block_forward(block: DenseBlock, x: Tensor) -> Tensor:
+# torch.compile runs the block eagerly between the compiled pieces of the model, as it runs the memory-efficient
+# block: inductor would not keep the buffer or the shared storage, which are what the block is for.
+@torch.compiler.disable
+def concat_free_block_forward(block: nn.ModuleDict, x: Tensor) -> Tensor:
     """The output of ``block`` (all its maps, concatenated) for input ``x``, through one block buffer."""
     layers = list(block.values())
     buffer = BlockBuffer(x, block.out_channels)
     # A replaced norm (folded, frozen...) runs the plain layer, whose gradients autograd adds up itself: the
-    # block's shared storage only when every layer reads the buffer.
-    shared = all(type(_first_bn(layer)) is nn.BatchNorm2d for layer in layers)
+    # block's shared storage only when every layer reads the buffer. Without autograd (evaluation) nothing is
+    # kept for a backward pass, so each BN1-ReLU output is a temporary freed after its layer.
+    shared = torch.is_grad_enabled() and all(type(_first_bn(layer)) is nn.BatchNorm2d for layer in layers)
     storage = _BlockStorage(buffer.data, [layer.in_channels for layer in layers]) if shared else None
     features = [x]
     for layer in layers:
@@ -57,11 +60,11 @@ def concat_free_block_forward(block: DenseBlock, x: Tensor) -> Tensor:
     return _BlockOutput.apply(buffer, storage, *features)
 
 
-def _first_bn(layer: DenseLayer) -> nn.Module:
+def _first_bn(layer: nn.Module) -> nn.Module:
     return layer.norm1 if layer.bottleneck else layer.norm2
 
 
-def _layer_forward(layer: DenseLayer, maps: Sequence[Tensor], buffer: BlockBuffer,
+def _layer_forward(layer: nn.Module, maps: Sequence[Tensor], buffer: BlockBuffer,
                    storage: _BlockStorage | None) -> Tensor:
     """``layer(maps)``, with the concatenation and the first BN-ReLU read from the buffer."""
     first_bn = _first_bn(layer)
@@ -69,12 +72,8 @@ def _layer_forward(layer: DenseLayer, maps: Sequence[Tensor], buffer: BlockBuffe
         return layer(maps)
     y = _ConcatBatchNormReLU.apply(buffer, storage, first_bn, first_bn.weight, first_bn.bias, *maps)
     if layer.bottleneck:
-        y = layer.relu2(layer.norm2(_dropout(layer.conv1(y), layer)))
-    return _dropout(layer.conv2(y), layer)
-
-
-def _dropout(t: Tensor, layer: DenseLayer) -> Tensor:
-    return F.dropout(t, p=layer.drop_rate, training=layer.training) if layer.drop_rate > 0 else t
+        y = layer.relu2(layer.norm2(layer.dropout(layer.conv1(y))))
+    return layer.dropout(layer.conv2(y))
 
 
 class _BlockStorage:
@@ -165,12 +164,7 @@ class _ConcatBatchNormReLU(torch.autograd.Function):
         else:
             g = aten.threshold_backward.grad_input(grad_y, y, 0, grad_input=storage.workspace(y))
         mask = [True, weight is not None and ctx.needs_input_grad[3], bias is not None and ctx.needs_input_grad[4]]
-        if ctx.batch_stats:
-            grads = aten.native_batch_norm_backward(g, x, weight, None, None, mean, torch.rsqrt(var + ctx.eps), True,
-                                                    ctx.eps, mask)
-        else:
-            grads = aten.native_batch_norm_backward(g, x, weight, mean, var, None, None, False, ctx.eps, mask)
-        grad_x, grad_w, grad_b = grads
+        grad_x, grad_w, grad_b = batch_norm_backward(g, x, weight, mean, var, ctx.eps, ctx.batch_stats, mask)
         del x, g
         if storage is None:
             return (None, None, None, grad_w, grad_b, *grad_x.split(ctx.sizes, dim=1))

@@ -7,22 +7,45 @@ any compression. Module names follow torchvision (``features.denseblock1.densela
 
     >>> import densenet
     >>> model = densenet.create_model("densenet_bc100_k12")
+
+How a dense block computes its output is one visible setting, ``block_impl`` (BLOCK_IMPLS), stored on every
+``DenseBlock`` and set for a whole model by ``DenseNet(block_impl=...)``, ``create_model(..., block_impl=...)`` or
+``model.set_block_impl(...)``; it shows in ``repr(model)``. All three give the same outputs, gradients,
+running statistics and state dict (tests/models/test_block_impl.py, float64, against "plain"):
+
+- ``"plain"`` (the default): each layer concatenates the earlier maps with ``torch.cat``, as torchvision
+  does. What tracing, exporting and torch.compile should see, and the fastest under autocast and in
+  channels_last (docs/benchmarks.md).
+- ``"concat_free"`` (concat_free.py): each map written once into one block buffer, each channel's batch
+  statistics computed once. Less training memory in eager fp32 NCHW (``densenet bench memory``: peak RSS
+  over two SGD steps of DenseNet-BC-100 k=12, batch 16, 448 MB against torchvision's 692 MB, 2026-12-06),
+  which is where ``densenet train`` picks it (training/fast.py).
+- ``"efficient"`` (efficient.py; ``memory_efficient=True`` is torchvision's spelling of it): the shared
+  buffer with the BN-ReLU outputs recomputed in the backward pass, training memory linear in depth.
+
+Nothing in ``forward`` overrides the choice: not grad mode, autocast, layout or compiling (torch.compile runs
+the two buffer blocks eagerly between its compiled pieces). The buffer blocks run their own autograd code,
+which a tracer cannot record, so tracing or exporting one is an error naming the fix (``set_block_impl("plain")``)
+rather than a silent switch to another implementation.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Iterable, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet.errors import ConfigError
+from densenet.errors import ConfigError, DenseNetError
 from densenet.models.concat_free import concat_free_block_forward
+from densenet.models.efficient import efficient_block_forward
 
 StemKind = Literal["cifar", "imagenet"]
+BlockImpl = Literal["plain", "concat_free", "efficient"]
+BLOCK_IMPLS: tuple[BlockImpl, ...] = ("plain", "concat_free", "efficient")
 
 
 class DenseLayer(nn.Module):
@@ -53,15 +76,21 @@ class DenseLayer(nn.Module):
         if not isinstance(x, Tensor):
             x = torch.cat(list(x), dim=1)
         if self.bottleneck:
-            x = self._dropout(self.conv1(self.relu1(self.norm1(x))))
-        return self._dropout(self.conv2(self.relu2(self.norm2(x))))
+            x = self.dropout(self.conv1(self.relu1(self.norm1(x))))
+        return self.dropout(self.conv2(self.relu2(self.norm2(x))))
 
-    def _dropout(self, x: Tensor) -> Tensor:
+    def dropout(self, x: Tensor) -> Tensor:
+        """The layer's dropout after each convolution; the plain and concat-free blocks both call this one, so
+        that a seeded run draws the same masks in either (the efficient block keeps its masks instead)."""
         return F.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else x
 
 
 class DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers; layer l sees the block input and the k maps of every earlier layer."""
+    """``num_layers`` dense layers; layer l sees the block input and the k maps of every earlier layer.
+
+    ``block_impl`` says how the block computes its output (BLOCK_IMPLS, the module docstring); it is an
+    attribute, not a parameter or buffer, so the state dict is the same whichever runs.
+    """
 
     def __init__(
         self,
@@ -70,52 +99,87 @@ class DenseBlock(nn.ModuleDict):
         growth_rate: int,
         bottleneck_width: int | None,
         drop_rate: float,
-        memory_efficient: bool = False,
+        block_impl: BlockImpl = "plain",
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.growth_rate = growth_rate
         self.out_channels = in_channels + num_layers * growth_rate
-        self.memory_efficient = memory_efficient
+        self.block_impl: BlockImpl = check_block_impl(block_impl)
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck_width, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        """[x_0, x_1, ..., x_L]: the block's input and every layer's k maps, concatenated.
-
-        The same result comes from two faster paths that share a block buffer (each map written once, each
-        channel's batch statistics computed once): ``efficient.py`` (memory_efficient: BN-ReLU recomputed in
-        the backward pass) and ``concat_free.py`` (eager NCHW training, see ``_concat_free``).
-        """
-        if self.memory_efficient:
-            from densenet.models.efficient import efficient_block_forward
-
-            return efficient_block_forward(self, x)
-        if _concat_free(x):
+        """[x_0, x_1, ..., x_L]: the block's input and every layer's k maps, concatenated, by ``block_impl``."""
+        impl = self.block_impl
+        if impl == "plain":
+            features = [x]
+            for layer in self.values():
+                features.append(layer(features))
+            return torch.cat(features, dim=1)
+        if _tracing():
+            raise DenseNetError(f"block_impl {impl!r} runs its own autograd code, which tracing and export cannot "
+                                f"record; call model.set_block_impl('plain') first (same weights, same results)")
+        if impl == "concat_free":
             return concat_free_block_forward(self, x)
-        features = [x]
-        for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, dim=1)
+        return efficient_block_forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"block_impl={self.block_impl!r}"
 
 
-def _concat_free(x: Tensor) -> bool:
-    """Whether the block runs through its buffer: when training (the case it speeds up), in eager mode only,
-    in the NCHW layout, without autocast.
+def _tracing() -> bool:
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_exporting())
 
-    Tracing, exporting and torch.compile see the plain concatenation, which they know how to optimise. In
-    channels_last the buffer's first c channels are a strided view (every pixel's C_total channels, c read),
-    which BN and the 1x1 convolution read far slower than the fresh, dense concatenation: measured eager on a
-    2-core CPU (DenseNet-BC-40 k=12, batch 64) the buffer path in channels_last ran at 0.75x its NCHW speed.
-    Under autocast the buffer's maps are bf16 (or fp16) and BN's statistics and backward kernels mix them with
-    float32: `densenet bench speed --model densenet_bc100_k12 --tasks train --precision bf16` measured the
-    buffer path at 0.53-0.54x torchvision's eager bf16 step (2-core AMD EPYC, 2026-11-30), so autocast takes
-    the plain concatenation, as torchvision does.
-    """
-    return (torch.is_grad_enabled() and x.dim() == 4 and x.is_contiguous()
-            and not torch.is_autocast_enabled(x.device.type) and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
+
+def check_block_impl(block_impl: str) -> BlockImpl:
+    """``block_impl`` if it is one of BLOCK_IMPLS; a ConfigError listing them otherwise."""
+    if block_impl not in BLOCK_IMPLS:
+        raise ConfigError(f"block_impl must be one of {', '.join(BLOCK_IMPLS)}, got {block_impl!r}")
+    return block_impl  # type: ignore[return-value]
+
+
+def resolve_block_impl(block_impl: str | None, memory_efficient: bool) -> BlockImpl:
+    """The implementation the constructor arguments ask for: ``memory_efficient=True`` is torchvision's
+    spelling of "efficient", and neither given is "plain"."""
+    if memory_efficient and block_impl not in (None, "efficient"):
+        raise ConfigError(f"memory_efficient=True means block_impl='efficient', not {block_impl!r}; give one of them")
+    return check_block_impl(block_impl or ("efficient" if memory_efficient else "plain"))
+
+
+def set_block_impl(module: nn.Module, block_impl: str) -> None:
+    """Every dense block inside ``module`` (a DenseNet, a backbone, a DDP or torch.compile wrapper) runs
+    ``block_impl`` from the next forward pass on."""
+    impl = check_block_impl(block_impl)
+    for m in module.modules():
+        if isinstance(m, DenseBlock):
+            m.block_impl = impl
+
+
+def block_impl_of(module: nn.Module) -> str:
+    """The ``block_impl`` of the dense blocks inside ``module``; "mixed" if someone set blocks one by one."""
+    impls = {m.block_impl for m in module.modules() if isinstance(m, DenseBlock)}
+    return impls.pop() if len(impls) == 1 else "mixed"
+
+
+def tap_blocks(modules: Iterable[nn.Module], x: Tensor, taps: Container[int], num_blocks: int) -> list[Tensor]:
+    """Run ``modules`` (a DenseNet's ``features``, whole or cut after a block) on ``x`` and return the output of
+    every dense block whose index (from 0) is in ``taps``; the last block's is taken after the final BN
+    (``norm5``) and its ReLU, as ``forward_features`` gives it. What forward_intermediates and a
+    ``features_only`` backbone (features.py) both return."""
+    outputs = []
+    block = -1
+    for module in modules:
+        x = module(x)
+        if isinstance(module, DenseBlock):
+            block += 1
+            if block in taps and block != num_blocks - 1:
+                outputs.append(x)
+    if num_blocks - 1 in taps:
+        outputs.append(F.relu(x))
+    return outputs
 
 
 class Transition(nn.Sequential):
@@ -146,8 +210,11 @@ class DenseNet(nn.Module):
         stem: "cifar" (one 3x3 convolution, nothing after it) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
         in_chans, num_classes: input channels and classifier outputs (0 for no classifier).
         drop_rate: dropout after every convolution but the first (the paper's 0.2 without augmentation).
-        memory_efficient: shared-storage dense blocks whose BN-ReLU(-Conv1x1) outputs are recomputed in
-            the backward pass; same parameters, same results, training memory linear in depth.
+        block_impl: how each dense block computes its output: "plain" (default), "concat_free" or
+            "efficient" (the module docstring); same parameters, same results. Changed later by
+            ``set_block_impl``; not part of ``config`` (weight files hold the same tensors whichever ran).
+        memory_efficient: torchvision's spelling of block_impl="efficient" (shared storage, BN-ReLU(-Conv1x1)
+            outputs recomputed in the backward pass: training memory linear in depth).
     """
 
     def __init__(
@@ -161,9 +228,11 @@ class DenseNet(nn.Module):
         in_chans: int = 3,
         num_classes: int = 1000,
         drop_rate: float = 0.0,
+        block_impl: BlockImpl | None = None,
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
+        impl = resolve_block_impl(block_impl, memory_efficient)
         block_config = tuple(int(n) for n in block_config)
         if num_init_features is None:
             num_init_features = 2 * growth_rate if bottleneck_width else 16
@@ -190,7 +259,7 @@ class DenseNet(nn.Module):
         self.feature_info: list[dict] = []
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, channels, growth_rate, bottleneck_width or None, drop_rate, memory_efficient)
+            block = DenseBlock(num_layers, channels, growth_rate, bottleneck_width or None, drop_rate, impl)
             features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"features.denseblock{i + 1}"))
@@ -230,13 +299,27 @@ class DenseNet(nn.Module):
     drop_rate = property(lambda self: self.config["drop_rate"])
 
     @property
+    def block_impl(self) -> str:
+        """How the dense blocks compute their output (BLOCK_IMPLS); change it with ``set_block_impl``."""
+        return block_impl_of(self)
+
+    def set_block_impl(self, block_impl: BlockImpl) -> DenseNet:
+        """Run every dense block as ``block_impl`` from now on; returns the model, as ``.to()`` does."""
+        set_block_impl(self, block_impl)
+        return self
+
+    @property
     def memory_efficient(self) -> bool:
-        return any(block.memory_efficient for block in self.dense_blocks())
+        """torchvision's name: whether the blocks run as "efficient"."""
+        return self.block_impl == "efficient"
 
     @memory_efficient.setter
     def memory_efficient(self, value: bool) -> None:
-        for block in self.dense_blocks():
-            block.memory_efficient = bool(value)
+        # True is "efficient"; False is the standard ("plain") block, as in torchvision, whatever ran before.
+        set_block_impl(self, "efficient" if value else "plain")
+
+    def extra_repr(self) -> str:
+        return f"block_impl={self.block_impl!r}"
 
     def dense_blocks(self) -> list[DenseBlock]:
         return [m for m in self.features if isinstance(m, DenseBlock)]
@@ -257,13 +340,8 @@ class DenseNet(nn.Module):
 
         Their channels and strides are ``feature_info``'s ``num_chs`` and ``reduction``.
         """
-        outputs = []
-        for name, module in self.features.named_children():
-            x = module(x)
-            if isinstance(module, DenseBlock) and name != f"denseblock{len(self.block_config)}":
-                outputs.append(x)
-        outputs.append(F.relu(x))
-        return outputs
+        blocks = len(self.block_config)
+        return tap_blocks(self.features, x, range(blocks), blocks)
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised classifier for num_classes (0 removes it), e.g. for fine-tuning."""

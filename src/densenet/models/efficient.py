@@ -1,4 +1,5 @@
-"""The memory-efficient dense block: one shared buffer, BN-ReLU recomputed in the backward pass.
+"""The memory-efficient dense block: one shared buffer, BN-ReLU recomputed in the backward pass
+(``block_impl="efficient"``, or torchvision's spelling ``memory_efficient=True``; models/densenet.py).
 
 The standard block keeps, for every layer l, the concatenation of the l earlier feature maps and its
 BN-ReLU output: memory quadratic in depth (Pleiss et al., "Memory-Efficient Implementation of
@@ -40,10 +41,8 @@ Under torch.compile the blocks run eagerly, between the compiled stem, transitio
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -51,6 +50,7 @@ from densenet.errors import DenseNetError
 from densenet.models.block_buffer import (
     BlockBuffer,
     batch_mean_var,
+    batch_norm_backward,
     bn_factors,
     normalize_relu,
     normalize_relu_,
@@ -58,8 +58,8 @@ from densenet.models.block_buffer import (
     update_running_stats,
 )
 
-if TYPE_CHECKING:
-    from densenet.models.densenet import DenseBlock, DenseLayer
+# The blocks and layers are models/densenet.py's DenseBlock (a ModuleDict of DenseLayers) and DenseLayer; that
+# module imports this one, so they are typed here as the torch classes they derive from (no import cycle).
 
 aten = torch.ops.aten
 
@@ -68,7 +68,7 @@ aten = torch.ops.aten
 # inductor would not keep the shared buffer, the workspaces or the loops over parts of the batch, and the
 # savings are what the mode is for.
 @torch.compiler.disable
-def efficient_block_forward(block: DenseBlock, x: Tensor) -> Tensor:
+def efficient_block_forward(block: nn.ModuleDict, x: Tensor) -> Tensor:
     """The output of ``block`` for input ``x`` (all maps, concatenated), computed in one shared buffer."""
     layers = list(block.values())
     params: list[Tensor | None] = []
@@ -82,7 +82,7 @@ def efficient_block_forward(block: DenseBlock, x: Tensor) -> Tensor:
         return _forward(layers, x, params, save=False)[0]
 
 
-def _layer_params(layer: DenseLayer) -> list[Tensor | None]:
+def _layer_params(layer: nn.Module) -> list[Tensor | None]:
     names = ("norm1", "conv1", "norm2", "conv2") if layer.bottleneck else ("norm2", "conv2")
     out: list[Tensor | None] = []
     for name in names:
@@ -91,13 +91,13 @@ def _layer_params(layer: DenseLayer) -> list[Tensor | None]:
     return out
 
 
-def _check_layer(layer: DenseLayer) -> None:
+def _check_layer(layer: nn.Module) -> None:
     convs = [layer.conv2] + ([layer.conv1] if layer.bottleneck else [])
     pointwise = not layer.bottleneck or (layer.conv1.kernel_size == (1, 1) and layer.conv1.stride == (1, 1)
                                          and layer.conv1.padding == (0, 0))
     if not pointwise or any(conv.bias is not None or conv.groups != 1 for conv in convs):
-        raise DenseNetError("memory_efficient=True supports the paper's dense layers only (bias-free, ungrouped "
-                            "convolutions, a 1x1 bottleneck); set model.memory_efficient = False for this model")
+        raise DenseNetError("block_impl 'efficient' supports the paper's dense layers only (bias-free, ungrouped "
+                            "convolutions, a 1x1 bottleneck); call model.set_block_impl('plain') for this model")
 
 
 class _SharedBufferBlock(torch.autograd.Function):
@@ -241,6 +241,9 @@ def _cast_into(t: Tensor, dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
 def _dropout_(t: Tensor, p: float) -> Tensor:
     """F.dropout on ``t`` in place; returns the mask (bool, 1 byte), all _redrop_ needs to apply it again.
 
+    Not DenseLayer.dropout (which the other two blocks share): this block keeps neither the convolution's
+    output nor F.dropout's float mask, and the backward pass applies the same mask again to the recomputed maps.
+
     The draws of F.dropout on CPU (empty_like + bernoulli_, then input * noise / (1 - p)), so that a seeded run
     gives the standard mode's masks and values.
     """
@@ -256,7 +259,8 @@ def _redrop_(t: Tensor, mask: Tensor | None, p: float) -> Tensor:
 
 
 def _conv(x: Tensor, weight: Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> Tensor:
-    return F.conv2d(x.to(dtype), weight.to(dtype), None, conv.stride, conv.padding, conv.dilation)
+    # The module's own convolution (whatever its number of spatial dimensions), with the weight in ``dtype``.
+    return conv._conv_forward(x.to(dtype), weight.to(dtype), None)
 
 
 def _forward(layers, x: Tensor, params: list, save: bool):
@@ -350,19 +354,10 @@ def _bn_backward_(grad: Tensor, inp: Tensor, bn: nn.BatchNorm2d, weight, mean: T
     return grad, grad_weight, sum_dy
 
 
-def _bn_backward(grad: Tensor, inp: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor,
-                 batch: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    mask = [True, weight is not None, bias is not None]
-    if batch:
-        invstd = torch.rsqrt(var + bn.eps)
-        return aten.native_batch_norm_backward(grad, inp, weight, None, None, mean, invstd, True, bn.eps, mask)
-    return aten.native_batch_norm_backward(grad, inp, weight, mean, var, None, None, False, bn.eps, mask)
-
-
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Conv2d, dtype: torch.dtype):
     grad_in, grad_w, _ = aten.convolution_backward(
         grad.to(dtype), inp.to(dtype), weight.to(dtype), None, list(conv.stride), list(conv.padding),
-        list(conv.dilation), False, [0, 0], 1, [True, True, False])
+        list(conv.dilation), False, [0] * len(conv.stride), 1, [True, True, False])
     return grad_in, grad_w.to(weight.dtype)
 
 
@@ -466,8 +461,9 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 g, grad_params[p + 5] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
                 g = aten.threshold_backward(g.to(y.dtype), y, 0)
                 del y
-                g, grad_params[p + 3], grad_params[p + 4] = _bn_backward(
-                    g, mid, layer.norm2, lp[3], lp[4], mean2, var2, second_batch)
+                mask = [True, lp[3] is not None, lp[4] is not None]
+                g, grad_params[p + 3], grad_params[p + 4] = batch_norm_backward(
+                    g, mid, lp[3], mean2, var2, layer.norm2.eps, second_batch, mask)
                 del mid
                 g = _undrop(g, mask1, layer.drop_rate)
                 grad_params[p + 2], grad_params[p], grad_params[p + 1] = _pointwise_backward(

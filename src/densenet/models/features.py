@@ -18,11 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet.errors import ConfigError
-from densenet.models.densenet import DenseBlock, DenseNet
+from densenet.models.densenet import BlockImpl, DenseNet, block_impl_of, set_block_impl, tap_blocks
 
 
 class FeatureInfo:
@@ -98,14 +97,16 @@ class DenseNetFeatures(nn.Module):
             self.pretrained_cfg = model.pretrained_cfg
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        outputs = []
-        block = -1
-        for module in self.features:
-            x = module(x)
-            if isinstance(module, DenseBlock):
-                block += 1
-                if block in self.out_indices and block != self.num_stages - 1:
-                    outputs.append(x)
-        if self.num_stages - 1 in self.out_indices:
-            outputs.append(F.relu(x))  # after norm5, as DenseNet.forward_features
-        return outputs
+        return tap_blocks(self.features, x, self.out_indices, self.num_stages)
+
+    @property
+    def block_impl(self) -> str:
+        """How the dense blocks compute their output (the DenseNet's setting, models/densenet.py)."""
+        return block_impl_of(self)
+
+    def set_block_impl(self, block_impl: BlockImpl) -> DenseNetFeatures:
+        set_block_impl(self, block_impl)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"out_indices={self.out_indices}, block_impl={self.block_impl!r}"

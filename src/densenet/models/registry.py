@@ -2,7 +2,10 @@
 
 CIFAR/SVHN form (Table 2): three equal blocks; depth L = 3n + 4 (basic) or 6n + 4 (bottleneck).
 ImageNet form (Table 1): four blocks with bottleneck and compression 0.5, growth 32 (48 for 161).
-Beyond the named models, any valid ``densenet{L}_k{k}`` or ``densenet_bc{L}_k{k}`` builds too.
+Beyond the named models, any valid ``densenet{L}_k{k}`` or ``densenet_bc{L}_k{k}`` builds too, and the paper's
+Figure 4 variants with one of the two changes: ``densenet_b{L}_k{k}`` (bottleneck layers, no compression) and
+``densenet_c{L}_k{k}`` (compression 0.5, no bottleneck). The comparison ResNets (``resnet56_cifar``,
+``preresnet1001_cifar``, ...) are models/resnet.py's, built from pytorchcv; ``create_model`` builds them too.
 The table imports nothing heavy (torch comes with ``create_model``), so ``densenet list`` answers at once.
 """
 
@@ -13,6 +16,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from densenet.errors import ConfigError
+from densenet.models import resnet
 
 if TYPE_CHECKING:
     from densenet.models.densenet import DenseNet
@@ -59,9 +63,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "densenet161": imagenet_config(48, (6, 12, 36, 24), 96),
 }
 
-_PATTERN = re.compile(r"^densenet(?P<bc>_bc)?(?P<depth>\d+)_k(?P<k>\d+)$")
-_OVERRIDABLE = {"num_classes", "in_chans", "drop_rate", "memory_efficient", "growth_rate", "block_config",
-                "num_init_features", "bottleneck_width", "compression", "stem"}
+_PATTERN = re.compile(r"^densenet(?P<bc>_bc|_b|_c)?(?P<depth>\d+)_k(?P<k>\d+)$")
+_OVERRIDABLE = {"num_classes", "in_chans", "drop_rate", "block_impl", "memory_efficient", "growth_rate",
+                "block_config", "num_init_features", "bottleneck_width", "compression", "stem"}
 
 
 def default_input_size(stem: str) -> int:
@@ -78,18 +82,27 @@ def model_config(name: str) -> dict[str, Any]:
     """The constructor arguments of a named model (or of any valid densenet[_bc]{L}_k{k})."""
     if name in MODELS:
         return dict(MODELS[name])
+    if resnet.is_resnet(name):
+        return resnet.model_config(name)
     match = _PATTERN.match(name)
     if match:
-        return cifar_config(int(match["depth"]), int(match["k"]), bc=bool(match["bc"]))
-    close = difflib.get_close_matches(name, list(MODELS), n=3)
+        config = cifar_config(int(match["depth"]), int(match["k"]), bc=match["bc"] in ("_bc", "_b"))
+        if match["bc"] in ("_b", "_c"):  # DenseNet-B: bottleneck without compression; -C: compression without
+            config["compression"] = 1.0 if match["bc"] == "_b" else 0.5
+        return config
+    close = difflib.get_close_matches(name, [*MODELS, *resnet.RESNETS], n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ConfigError(f"unknown model {name!r}; {hint}choose from {', '.join(MODELS)} "
-                      f"(or any densenet{{L}}_k{{k}} / densenet_bc{{L}}_k{{k}} of the CIFAR form)")
+                      f"(or any densenet{{L}}_k{{k}} / densenet_bc{{L}}_k{{k}} of the CIFAR form; the comparison "
+                      f"ResNets: {', '.join(resnet.RESNETS)})")
 
 
 def create_model(name: str, pretrained: bool = False, features_only: bool = False,
                  out_indices: tuple[int, ...] | None = None, **overrides: Any) -> DenseNet:
     """Build a named DenseNet, e.g. ``create_model("densenet_bc100_k12", num_classes=100, drop_rate=0.2)``.
+
+    overrides: any DenseNet constructor argument, e.g. ``block_impl="concat_free"`` (how the dense blocks
+        compute, models/densenet.py; ``memory_efficient=True`` is block_impl="efficient").
 
     pretrained: torchvision's ImageNet weights (densenet121/161/169/201), downloaded once into torch.hub's
         cache; another ``num_classes`` keeps them all but the classifier, another ``in_chans`` adapts the first
@@ -97,6 +110,10 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     features_only, out_indices: a backbone as timm makes it (``densenet.models.features.DenseNetFeatures``):
         forward gives one map per selected dense block; ``feature_info.channels()`` / ``.reduction()``.
     """
+    if resnet.is_resnet(name):  # the paper's Figure 4 comparison networks (pytorchcv's)
+        if pretrained or features_only:
+            raise ConfigError(f"{name}: no pretrained weights or features_only backbone (a comparison network)")
+        return resnet.create_resnet(name, **overrides)
     unknown = set(overrides) - _OVERRIDABLE
     if unknown:
         raise ConfigError(f"create_model does not take {', '.join(sorted(unknown))}; "

@@ -12,7 +12,7 @@
   eagerly and says so.
 - **channels_last** with compile (inductor's convolutions prefer NHWC on CPU and CUDA) and on CUDA. An
   eager CPU run that is not timed (below: shorter than COMPILE_MIN_STEPS, or ``--compile off``) stays NCHW,
-  where the standard block runs through its concatenation-free buffer and keeps the least memory: on the
+  where the dense blocks run concatenation-free (``block_impl``, below) and keep the least memory: on the
   2-core AMD EPYC, fp32, the plain concatenation in channels_last trained 1.15-1.33x faster (the ``paths``
   tables in docs/benchmarks.md), but the plain concatenation's peak RSS over two steps was 1.50x ours
   (DenseNet-BC-100 k=12, batch 64: 2487 against 1662 MB) and 1.38x (DenseNet-121, 224 px, batch 16: 2308
@@ -24,6 +24,16 @@
   eager in fp32). So a long single-process CPU run with ``--compile auto`` and no layout flag trains a copy
   of the model for a few steps in each path (``time_paths``) and keeps the fastest; the compiled candidate
   fills inductor's cache, so the run's own compile is a cache hit. The timings go into config.yaml.
+- **the dense block's implementation** (``block_impl``, models/densenet.py), from the path (``block_impl_for``):
+  "efficient" with ``--memory-efficient``; "concat_free" for eager fp32 NCHW training, where it keeps the least
+  memory (``densenet bench memory --models densenet_bc100_k12 --modes standard torchvision --batch-size 16
+  --repeats 0``, 2026-12-06, when the standard mode ran it there: peak RSS over two SGD steps 448 MB against
+  torchvision's plain concatenation's 692 MB; 1662 against 2487 MB at batch 64, above); "plain" (torch.cat)
+  everywhere else: compiled (inductor optimises the concatenation itself and runs the buffer blocks only
+  eagerly), channels_last (the buffer's channel slices are strided there: 0.75x its NCHW speed, eager,
+  DenseNet-BC-40 k=12, batch 64, 2-core CPU) and autocast (0.53-0.54x torchvision's eager bf16 step: `densenet
+  bench speed --model densenet_bc100_k12 --tasks train --precision bf16`, 2026-11-30). All three give the same
+  results (tests/models/test_block_impl.py); ``densenet train`` sets the model to it, config.yaml records it.
 - **threads**: torch's default (one per core), except for the 8x8 digits (see options.py).
 - **precision** stays what ``--amp`` says (fp32 by default: the paper's numbers). ``--amp auto`` picks bf16
   autocast where the hardware computes bf16 natively (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX;
@@ -31,7 +41,8 @@
   and fp32 elsewhere, where bf16 is emulated and slower.
 
 ``--compile off`` (or ``on``), ``--channels-last``/``--no-channels-last`` and ``--threads`` override each
-choice, ``--eager`` turns off both compile and channels_last; config.yaml records what ran (``runtime``).
+choice, ``--eager`` turns off both compile and channels_last; config.yaml records what ran (``runtime``,
+including ``block_impl``).
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ class Runtime:
     device: str
     amp: str
     reason: str
+    block_impl: str = "plain"  # how the dense blocks compute (block_impl_for); the model is set to it
     timed: bool = False  # compile and channels_last are to be chosen by time_paths (set by plan)
     rates: dict[str, float] | None = None  # images/s of each path time_paths tried
 
@@ -90,8 +102,19 @@ def plan(options, device: torch.device, total_steps: int, distributed: bool = Fa
     amp = options.amp
     if amp == "auto":
         amp = "bf16" if native_bf16(device) else "none"
+    block_impl = block_impl_for(compile_, bool(channels_last), amp, options.memory_efficient)
     return Runtime(compile=compile_, channels_last=bool(channels_last), threads=torch.get_num_threads(),
-                   device=str(device), amp=amp, reason=reason, timed=timed)
+                   device=str(device), amp=amp, reason=reason, block_impl=block_impl, timed=timed)
+
+
+def block_impl_for(compile_: bool, channels_last: bool, amp: str, memory_efficient: bool) -> str:
+    """The dense block implementation for a training path: "efficient" when asked for, "concat_free" for eager
+    fp32 NCHW (the least memory there), "plain" where the buffer is slower or not compiled (module docstring)."""
+    if memory_efficient:
+        return "efficient"
+    if compile_ or channels_last or amp != "none":
+        return "plain"
+    return "concat_free"
 
 
 def sgd_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: str,
@@ -118,13 +141,17 @@ PATHS = (("compiled channels_last", True, True), ("eager channels_last", False, 
 
 def time_paths(model: torch.nn.Module, runtime: Runtime, input_shape: tuple[int, ...], num_classes: int,
                batch_size: int, steps: int = 6, say: Callable[[str], None] = print) -> Runtime:
-    """Train a copy of ``model`` for a few SGD steps on a random batch in each of PATHS; keep the fastest.
+    """Train a copy of ``model`` for a few SGD steps on a random batch in each of PATHS (each with its
+    ``block_impl_for``); keep the fastest.
 
     The model, its optimiser and the random number generators are left as they were (a copy trains, the RNG
     state is restored), so a timed run gives the same numbers as one told its path. Costs about one compile
     (cached on disk and reused by the run) plus 3 x (2 + ``steps``) training steps.
     """
+    from densenet.models.densenet import set_block_impl
+
     device = torch.device(runtime.device)
+    efficient = runtime.block_impl == "efficient"
     rng = torch.get_rng_state()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((batch_size, *input_shape), generator=generator).to(device)
@@ -133,6 +160,7 @@ def time_paths(model: torch.nn.Module, runtime: Runtime, input_shape: tuple[int,
     try:
         for name, compile_, channels_last in PATHS:
             net = copy.deepcopy(model).train()
+            set_block_impl(net, block_impl_for(compile_, channels_last, runtime.amp, efficient))
             layout = torch.channels_last if channels_last else torch.contiguous_format
             net = net.to(memory_format=layout)
             inputs = x.contiguous(memory_format=layout)
@@ -153,6 +181,7 @@ def time_paths(model: torch.nn.Module, runtime: Runtime, input_shape: tuple[int,
     _, compile_, channels_last = next(p for p in PATHS if p[0] == best)
     table = ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
     return replace(runtime, compile=compile_, channels_last=channels_last, timed=False, rates=rates,
+                   block_impl=block_impl_for(compile_, channels_last, runtime.amp, efficient),
                    reason=f"{runtime.reason}, timed fastest ({table} img/s)")
 
 
