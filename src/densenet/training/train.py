@@ -11,9 +11,12 @@ are TrainOptions' fields (training/options.py), plus --config, --eager and --res
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,11 @@ import yaml
 from densenet.data.datasets import Data, load_data, subset
 from densenet.devices import resolve_device
 from densenet.errors import ConfigError, DenseNetError
-from densenet.models import create_model
+from densenet.models import create_model, set_block_impl
 from densenet.training import distributed, fast, run_folder
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
 from densenet.training.engine import Batches, NonFiniteLoss, Stats, epoch_seed, evaluate, train_one_epoch
-from densenet.training.options import TrainOptions, resolve_options
+from densenet.training.options import TrainOptions, flag_name, read_recipe, resolve_options, resume_changes
 from densenet.training.schedule import build_optimizer, build_scheduler, per_step
 
 
@@ -46,6 +49,10 @@ def _build_model(options: TrainOptions, data: Data) -> torch.nn.Module:
         from densenet.models.weights import load_into, read_state_dict
 
         state = read_state_dict(options.init)
+        conv0 = state.get("features.conv0.weight")
+        if conv0 is not None and conv0.dim() >= 2 and conv0.shape[1] != data.in_chans:
+            raise ConfigError(f"--init {options.init} takes {conv0.shape[1]}-channel images, but {data.name} has "
+                              f"{data.in_chans}-channel images")
         own = model.state_dict()
         # Fine-tuning on other classes: keep everything but a classifier of the wrong size.
         state = {k: v for k, v in state.items() if not (k.startswith("classifier.") and k in own
@@ -93,29 +100,56 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
-          resume: str | None = None) -> dict[str, Any]:
-    """Run (or continue) a training; returns the final summary. Raises DenseNetError on bad input."""
+          resume: str | None = None, fork: str | None = None) -> dict[str, Any]:
+    """Run (or continue) a training; returns the final summary. Raises DenseNetError on bad input.
+
+    ``fork`` (with ``resume``): copy the run into this new folder and continue it there, where the options given
+    may change it (another learning rate, more epochs of a one-cycle schedule); the original stays as it was.
+    """
+    if fork and not resume:
+        raise ConfigError("--fork NEW_DIR continues a copy of a run: give the run with --resume RUN")
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however this ends
+        return _train_locked(held, recipe, overrides, resume, fork)
+
+
+def _train_locked(held: contextlib.ExitStack, recipe: str | None, overrides: dict[str, Any] | None,
+                  resume: str | None, fork: str | None) -> dict[str, Any]:
     checkpoint = None
+    main = os.environ.get("RANK", "0") == "0"  # only rank 0 writes, so only it locks the folder
     restarted = None if resume else _restarted_run(recipe, overrides)
     if restarted is not None and latest_checkpoint(restarted) is not None:
         resume = str(restarted)  # torchrun restarted the job after a failure: continue from the last checkpoint
     if resume:
         run_dir = Path(resume)
+        source_lock = None
+        if main and run_dir.is_dir() and (run_dir / "config.yaml").is_file():
+            source_lock = held.enter_context(run_folder.RunLock(run_dir, "--resume"))  # before anything is written
         path = latest_checkpoint(run_dir) if run_dir.is_dir() else None
         if path is None:
             if (run_dir / LAST).is_file():
                 load_checkpoint(run_dir / LAST)  # raises why it is unusable: torn, or unsafe to unpickle
             raise DenseNetError(f"--resume {run_dir}: no readable {LAST} there (is it a run folder?)")
         checkpoint = load_checkpoint(path)
-        if restarted is not None and os.environ.get("RANK", "0") == "0":
+        if main and path.name != LAST:
+            _announce_fallback(run_dir, path, int(checkpoint["epoch"]))
+        if restarted is not None and main:
             _say(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming {run_dir} after epoch "
                  f"{checkpoint['epoch']} (its last checkpoint)")
-        overrides = {k: v for k, v in (overrides or {}).items() if k != "out"}
-        options = resolve_options(recipe, overrides, base=checkpoint["config"])
-        if int(checkpoint["epoch"]) >= options.epochs and not (run_dir / run_folder.WEIGHTS).is_file():
+        overrides = _resume_overrides(run_dir, checkpoint, recipe, overrides, fork, say=_say if main else None)
+        if fork:
+            overrides["out"] = fork
+        options = resolve_options(None, overrides, base=checkpoint["config"])  # the recipe's values are in overrides
+        if fork:
+            run_dir = Path(fork)
+            if main:
+                _fork_into(run_dir, path, held)
+                if source_lock is not None:
+                    source_lock.release()  # the copy is made: the original may be resumed again
+        elif int(checkpoint["epoch"]) >= options.epochs and not (run_dir / run_folder.WEIGHTS).is_file():
             # killed after the last checkpoint, before model.safetensors: write it rather than "already finished"
             return run_folder.finish_from_checkpoint(run_dir, checkpoint, f"{options.model} on {options.dataset}",
                                                      options.info.get("paper_error"))
+        resume = str(run_dir)
     else:
         options = resolve_options(recipe, overrides)
     device = _resolve_device(options)
@@ -124,10 +158,96 @@ def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
         torch.set_num_threads(options.threads)
     info, device = distributed.setup(device)
     try:
-        return _train(options, device, info, checkpoint, Path(resume) if resume else restarted)
+        return _train(options, device, info, checkpoint, Path(resume) if resume else restarted, held, bool(fork))
     finally:
         distributed.cleanup()
         torch.set_num_threads(threads)  # a caller in the same process (a notebook, the tests) keeps its setting
+
+
+def _announce_fallback(run_dir: Path, path: Path, epoch: int) -> None:
+    """Say why the resume continues from another checkpoint than checkpoint_last.pt, and from which epoch."""
+    why = f"{run_dir / LAST} does not exist"
+    if (run_dir / LAST).is_file():
+        try:
+            last = load_checkpoint(run_dir / LAST)
+            why = f"{run_dir / LAST} holds an earlier epoch ({last.get('epoch')})"
+        except DenseNetError as exc:
+            why = (f"refusing {run_dir / LAST} (it could run code)" if "could run code" in str(exc)
+                   else f"{run_dir / LAST} is not a readable checkpoint (truncated or corrupt?)")
+    _say(f"{why}: resuming from {path} (epoch {epoch}) instead")
+
+
+def _resume_overrides(run_dir: Path, checkpoint: dict, recipe: str | None, overrides: dict[str, Any] | None,
+                      fork: str | None, say) -> dict[str, Any]:
+    """The options given again to --resume that it applies; the run's own (its checkpoint's) stand for the rest.
+
+    Says what it keeps and what it ignores: values given again unchanged, and a config.yaml edited since the
+    run began (the checkpoint, not config.yaml, is what a run continues with). A value that would change the
+    run (another --lr, --model, --seed...) is refused unless ``fork`` names a new folder to continue a copy in.
+    """
+    saved = dict(checkpoint["config"])
+    given = dict(read_recipe(recipe)) if recipe else {}
+    given.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    out = given.pop("out", None)
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise ConfigError(f"--out {out} with --resume {run_dir}: a resumed run continues in its own folder; "
+                          f"--fork {out} continues a copy of it there")
+    same, free, changing = resume_changes(saved, given)
+    if changing and not fork:
+        shown = ", ".join(f"{flag_name(k)} {given[k]!r} (the run's: {saved.get(k)!r})" for k in changing)
+        raise ConfigError(f"--resume {run_dir} continues the run as it was, and {shown} would change it: drop "
+                          f"{'it' if len(changing) == 1 else 'them'}, or add --fork NEW_DIR to continue a copy "
+                          f"of the run with {'it' if len(changing) == 1 else 'them'}")
+    if say is not None:
+        applied = free + (changing if fork else [])
+        words = [f"resuming {run_dir} after epoch {checkpoint['epoch']} with the options saved in its checkpoint"]
+        if applied:
+            words.append("changed: " + ", ".join(f"{flag_name(k)} {given[k]}" for k in applied))
+        if same:
+            words.append("given again, unchanged: " + ", ".join(flag_name(k) for k in same))
+        say("; ".join(words))
+        edited = run_folder.edited_config(run_dir, saved)
+        if edited:
+            say(f"{run_dir / 'config.yaml'} differs from the run's checkpoint ({', '.join(edited)}): ignored, a "
+                f"resumed run keeps its checkpoint's options; to train with it, --fork NEW_DIR --config "
+                f"{run_dir / 'config.yaml'}")
+    return {k: given[k] for k in (free + changing) if k in given}
+
+
+def _fork_into(new_dir: Path, checkpoint_path: Path, held: contextlib.ExitStack) -> None:
+    """Copy the run's checkpoints and metrics into ``new_dir`` (new or empty), locked, for the run to go on there."""
+    if new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir())):
+        raise ConfigError(f"--fork {new_dir} must be a new or empty folder")
+    run_folder.make_run_dir(new_dir)
+    held.enter_context(run_folder.RunLock(new_dir, "--fork"))
+    source = checkpoint_path.parent
+    shutil.copyfile(checkpoint_path, new_dir / LAST)
+    for name in (BEST, "metrics.csv"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, new_dir / name)
+    _say(f"forked {source} (epoch {load_checkpoint(new_dir / LAST)['epoch']}) into {new_dir}")
+
+
+def _forked_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer, options: TrainOptions,
+                     checkpoint: dict, steps_per_epoch: int, start_epoch: int):
+    """A forked run keeps the weights and momentum buffers, but its rates follow its own options: the schedule is
+    built anew and advanced to ``start_epoch`` (a loaded scheduler state would bring back the old rates)."""
+    from densenet.training.schedule import build_optimizer
+
+    fresh = build_optimizer(model, options)
+    with contextlib.suppress(ValueError, KeyError):  # other parameter groups (--weight-decay-on): no momentum kept
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, new in zip(optimizer.param_groups, fresh.param_groups, strict=True):
+        for key in ("lr", "momentum", "weight_decay", "nesterov", "dampening"):
+            group[key] = new[key]
+        for key in ("initial_lr", "max_lr", "min_lr"):
+            group.pop(key, None)
+    scheduler = build_scheduler(optimizer, options, steps_per_epoch=steps_per_epoch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": only its clock is replayed
+        for _ in range(start_epoch * (steps_per_epoch if per_step(options) else 1)):
+            scheduler.step()
+    return scheduler
 
 
 def _restarted_run(recipe: str | None, overrides: dict[str, Any] | None) -> Path | None:
@@ -149,10 +269,14 @@ def _restarted_run(recipe: str | None, overrides: dict[str, Any] | None) -> Path
 
 
 def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, checkpoint: dict | None,
-           run_dir: Path | None) -> dict[str, Any]:
+           run_dir: Path | None, held: contextlib.ExitStack, forked: bool = False) -> dict[str, Any]:
     per_rank = distributed.per_rank_batch(options.batch_size, info)
     data = load_data(options.dataset, options.data_dir, augment=options.augment, download=bool(options.download),
                      input_size=options.input_size, seed=options.seed)
+    if data.num_classes < 2:
+        raise ConfigError(f"{data.name} has {data.num_classes} class{'es' if data.num_classes != 1 else ''} "
+                          f"({', '.join(data.classes) or 'none'}): a classifier needs at least two (a folder data set "
+                          f"takes one subfolder per class)")
     if options.train_subset:
         if not data.in_memory:
             raise ConfigError(f"--train-subset is for the in-memory data sets (digits, cifar, svhn), not {data.name}")
@@ -181,6 +305,7 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
                                   say=_say if info.is_main else lambda _: None)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    set_block_impl(model, runtime.block_impl)  # the dense blocks' implementation for this path (fast.py)
     optimizer = build_optimizer(model, options)
     scheduler = build_scheduler(optimizer, options, steps_per_epoch=len(train_batches))
     scaler = torch.amp.GradScaler("cuda") if options.amp == "fp16" else None
@@ -190,8 +315,12 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         from densenet.models.weights import load_into
 
         load_into(model, checkpoint["model"], source=f"{run_dir}/{LAST}")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        if forked:
+            scheduler = _forked_schedule(model, optimizer, options, checkpoint, len(train_batches),
+                                         int(checkpoint["epoch"]))
+        else:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, history, best = int(checkpoint["epoch"]), list(checkpoint["history"]), dict(checkpoint["best"])
@@ -212,13 +341,19 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         say = _say if info.is_main else lambda _: None
         train_forward = fast.StaticBatchModule(net, {per_rank}, say=say)
         eval_forward = fast.StaticBatchModule(model, {eval_batch}, say=say)
-    if run_dir is None:  # only rank 0 writes (or checks) the folder; a rank checking after rank 0 wrote would fail
+    new = run_dir is None
+    if new:  # only rank 0 writes (or checks) the folder; a rank checking after rank 0 wrote would fail
         run_dir = (run_folder.new_run_dir(options.out, options.dataset, options.model) if info.is_main
                    else Path(options.out or "runs"))
     metadata = _metadata(options, data, model)
     board = None
     if info.is_main:  # created only now, after every option and the data were checked
         run_folder.make_run_dir(run_dir)
+        if new or not (run_dir / run_folder.LOCK).is_file() or run_folder.lock_held(run_dir) is None:
+            # a new run (or a torchrun restart before any checkpoint): lock, then check again under the lock
+            held.enter_context(run_folder.RunLock(run_dir, "--out"))
+            if new:
+                run_folder.check_out(run_dir, locked=True)
         run_folder.write_config(run_dir, options.to_dict() | {"runtime": runtime.to_dict()})
         board = run_folder.TensorBoard(run_dir)
         _say(f"training {options.model} on {options.dataset} ({len(data.train)} images, {data.num_classes} "
@@ -226,7 +361,8 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
              + (f" x {info.world_size} processes" if info.enabled else "") + f" -> {run_dir}")
         _say(f"path: {'compiled' if runtime.compile else 'eager'}, "
              f"{'channels_last' if runtime.channels_last else 'NCHW'}, {runtime.threads} threads, "
-             f"precision {'fp32' if runtime.amp == 'none' else runtime.amp} ({runtime.reason})")
+             f"precision {'fp32' if runtime.amp == 'none' else runtime.amp} ({runtime.reason}); "
+             f"dense blocks: {runtime.block_impl}")
     try:
         for epoch in range(start_epoch, options.epochs):
             _seed_epoch(options.seed, epoch, info.rank)
