@@ -73,7 +73,7 @@ def metric_keys(task: Task) -> list[str]:
     return keys
 
 
-def compute_metrics(task: Task, targets, probs, threshold: float = 0.5) -> dict[str, float]:
+def compute_metrics(task: Task, targets, probs, threshold: float | np.ndarray = 0.5) -> dict[str, float]:
     """The measures of ``task`` (see the module's docstring) from the targets as a Split stores them and the
     probabilities ``Task.probabilities`` gives ((N, C) multiclass, (N, 1) or (N,) binary, (N, L) multilabel)."""
     y = _numpy(targets)
@@ -112,7 +112,7 @@ def _multiclass(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return {"error": 100.0 * (1.0 - acc), "top5_error": 100.0 * (1.0 - top5), "acc": acc, "auroc": auroc}
 
 
-def _per_label(task: Task, y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+def _per_label(task: Task, y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray) -> dict[str, float]:
     from sklearn.metrics import (
         accuracy_score,
         average_precision_score,
