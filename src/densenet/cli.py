@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "find every broken image file under data folders before a run meets one"),
     "predict": ("densenet.commands.predict", "top-k classes of image files from a weights file or run folder"),
     "export": ("densenet.commands.export", "a trained model as ONNX, TorchScript or torch.export, checked"),
+    "explain": ("densenet.commands.explain", "heat maps (CAM, Grad-CAM) of where the network looked in images"),
     "analyze": ("densenet.commands.analyze", "analyses of a trained model: reuse (the paper's Figure 5)"),
     "report": ("densenet.commands.report", "runs as the paper's Tables 2/3 and Figures 3/4, in Markdown"),
     "bench": ("densenet.commands.bench", "benchmarks: speed against torchvision, training memory"),
