@@ -64,11 +64,24 @@ def test_onnx_has_a_dynamic_batch_and_the_metadata(run, tmp_path):
     assert props["input_size"] == 8
 
 
-def test_a_memory_efficient_model_exports_as_the_standard_graph(run, tmp_path):
+@pytest.mark.parametrize("block_impl", ["efficient", "concat_free"])
+def test_a_buffer_block_model_exports_as_the_standard_graph_and_is_left_as_it_was(run, tmp_path, block_impl):
+    from densenet.models import set_block_impl
+    from densenet.models.densenet import block_impl_of
+
     _, model, metadata = run
-    model.memory_efficient = True
-    worst = export.export_model(model, metadata, "onnx", tmp_path / "m.onnx")
-    assert worst <= 1e-4 and not model.memory_efficient
+    set_block_impl(model, block_impl)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        worst = export.export_model(model, metadata, "onnx", tmp_path / "m.onnx")
+        # export works on a copy: the caller's model keeps its blocks, its mode and its weights
+        assert block_impl_of(model) == block_impl and model.training
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    finally:
+        set_block_impl(model, "plain")
+        model.eval()
+    assert worst <= 1e-4
     ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     assert "Concat" in ops and not any(op.startswith("PythonOp") for op in ops)
 

@@ -17,6 +17,7 @@ training).
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -63,9 +64,12 @@ def export_model(model: nn.Module, metadata: dict[str, Any], fmt: str, out: str 
     if fmt not in FORMATS:
         raise DenseNetError(f"unsupported export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = check_output_path(out)
-    model = model.cpu().eval()
-    if getattr(model, "memory_efficient", False):
-        model.memory_efficient = False  # the standard graph: plain concatenations, nothing custom to trace
+    from densenet.models import set_block_impl
+
+    # A copy: the caller's model keeps its device, mode and block implementation. The plain blocks are the
+    # standard graph (concatenations), with nothing custom to trace and the same results.
+    model = copy.deepcopy(model).cpu().eval()
+    set_block_impl(model, "plain")
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, *input_shape(model, metadata), generator=generator)
     checks = [torch.randn(n, *example.shape[1:], generator=generator) for n in CHECK_BATCHES]

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from densenet.devices import native_bf16
 from densenet.errors import ConfigError
 from densenet.inference.fold import fold_batchnorm
+from densenet.models.densenet import set_block_impl
 
 ENGINES = ("eager", "folded", "compile", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
            "openvino-int8")
@@ -124,9 +125,8 @@ def build_engine(model: nn.Module, engine: str, example: Tensor, device: torch.d
     if device.type != "cpu":
         raise ConfigError(f"--engine {engine} runs on the CPU only; use --device cpu or --engine eager/compile")
     _require(engine)
-    net = fold_batchnorm(model).cpu()
-    if getattr(net, "memory_efficient", False):
-        net.memory_efficient = False  # the standard graph: same results, nothing custom to export
+    net = fold_batchnorm(model).cpu()  # a copy
+    set_block_impl(net, "plain")  # the standard graph: same results, nothing custom to export
     run, from_cache = _onnx_engine(net, engine, example.cpu(), calibration, threads, cache)
     with torch.no_grad():
         run(example.cpu())  # OpenVINO compiles for the batch size on first use: part of the build
