@@ -7,24 +7,73 @@
 #   3. densenet bench speed (ours vs torchvision, interleaved) for DenseNet-BC-100 k=12 and DenseNet-121, bf16
 #      channels_last, 60 s each.
 #
-#   scripts/gpu_bench.sh OUTDIR            # on a CUDA machine (the CIFAR-10 tarball is looked for beside it)
-#   scripts/gpu_bench.sh OUTDIR --tiny     # the same steps on the CPU with tiny sizes: checks the script
+#   scripts/gpu_bench.sh [OUTDIR]           # on a CUDA machine (the CIFAR-10 tarball is looked for beside it)
+#   scripts/gpu_bench.sh [OUTDIR] --tiny    # the same steps on the CPU with tiny sizes: checks the script
+# OUTDIR defaults to runs/gpu-bench-DATE. The python is $PYTHON, else .venv/bin/python, else python3: the GPU
+# machines' own python3 with its torch (2.11 and up) and no package index. If that python does not import the
+# package from this tree, the script installs the tree into it without touching its packages
+# (pip install --no-deps --no-build-isolation -e .: needs setuptools>=77 there), and if pip cannot (older or no
+# setuptools, an externally managed python) it puts src/ on PYTHONPATH; it stops if the package still does not
+# import. Missing dependencies are listed at the top of OUTDIR/summary.md.
 #
 # Each step has its own time limit, so one slow step (a long compile) cannot eat the others' time; a step
 # that fails or times out is recorded in OUTDIR/summary.md and the script goes on.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_bench.sh OUTDIR [--tiny]}
-tiny=${2:-}
-mkdir -p "$out"
-py=${PYTHON:-.venv/bin/python}
-[ -x "$py" ] || py=python3
+out="" tiny=""
+for arg in "$@"; do
+  case $arg in
+    --tiny) tiny=--tiny ;;
+    -*) echo "usage: scripts/gpu_bench.sh [OUTDIR] [--tiny]" >&2; exit 2 ;;
+    *) out=$arg ;;
+  esac
+done
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=${out:-$repo/runs/gpu-bench-$(date -u +%Y%m%d-%H%M%S)}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+py=${PYTHON:-$repo/.venv/bin/python}
+[[ $py == */* && $py != /* ]] && py=$PWD/$py  # a relative $PYTHON is meant from where the script was started
+[ -x "$py" ] || command -v "$py" > /dev/null || py=python3
+cd "$repo"
+
+tree=$PWD/src/densenet
+imports_tree() {  # does $py import densenet from this source tree (not another copy, not nothing)?
+  "$py" -c 'import os, sys, densenet
+sys.exit(os.path.realpath(os.path.dirname(densenet.__file__)) != os.path.realpath(sys.argv[1]))' "$tree" 2>/dev/null
+}
+installed="already imports this tree"
+if ! imports_tree; then
+  if "$py" -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 && imports_tree; then
+    installed="installed by pip install --no-deps --no-build-isolation -e ."
+  else
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+    installed="pip could not install it (install.log): src/ on PYTHONPATH"
+  fi
+  if ! imports_tree; then
+    echo "error: $py cannot import densenet from $tree (see $out/install.log)" >&2
+    exit 1
+  fi
+fi
+if ! "$py" -c "import torch" 2> /dev/null; then
+  echo "error: $py cannot import torch" >&2
+  exit 1
+fi
 summary="$out/summary.md"
 echo "# GPU run $(date -u '+%Y-%m-%d %H:%M UTC')" > "$summary"
-"$py" -c "import torch; print('torch', torch.__version__, '| device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" >> "$summary" 2>&1
+{
+  echo "python: $py ($("$py" --version 2>&1)); package: $installed"
+  "$py" -c "import torch; print('torch', torch.__version__, '| device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+  "$py" -c "
+import importlib.util
+wanted = ('torchvision numpy PIL yaml safetensors tqdm matplotlib sklearn scipy onnx openvino pytest pytest_timeout')
+missing = [m for m in wanted.split() if importlib.util.find_spec(m) is None]
+print('missing modules:', ', '.join(missing) if missing else 'none')"
+} >> "$summary" 2>&1
 
+# --tiny trains compiled like the GPU run: inductor compiling its C++ kernels took 218 s of the 2-core CPU
+# under a load of 5-8 (2026-12-06), hence the 600 s limit of that step.
 if [ "$tiny" = "--tiny" ]; then
   device=cpu; models="densenet_bc16_k4"; sizes=(--input-size 8 --batch-size 4 --infer-batch-size 4 --repeats 1
-  --warmup 0 --matmul-size 256); limit=120; train_limit=240; tests=(tests/training/test_fast_path.py -k auto_compiles)
+  --warmup 0 --matmul-size 256); limit=120; train_limit=600; tests=(tests/training/test_fast_path.py -k auto_compiles)
   train=(--dataset digits --model densenet_bc16_k4 --epochs 2 --batch-size 64 --device cpu --lr 0.2
   --schedule onecycle --label-smoothing 0.1 --weight-decay 5e-4 --weight-decay-on weights --tta flip --compile on)
 else
