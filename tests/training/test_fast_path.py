@@ -59,11 +59,23 @@ def test_inductor_cache_is_ours_unless_the_user_chose_one(monkeypatch, tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     assert fast.inductor_cache_dir() == tmp_path / "densenet" / "inductor"
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "densenet" / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()  # asking changes nothing
+    with fast.inductor_cache() as path:  # a run sets it while it runs ...
+        assert path == tmp_path / "densenet" / "inductor" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()  # ... and puts it back after
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     assert fast.inductor_cache_dir() == tmp_path / "densenet" / "inductor"
+    with fast.inductor_cache():
+        pass
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert fast.inductor_cache_dir() == tmp_path / "mine"
+
+
+def test_no_constructor_writes_the_environment(monkeypatch):
+    before = dict(os.environ)
+    fast.StaticBatchModule(DenseNet(growth_rate=4, block_config=(1,), stem="cifar", num_classes=2), {2})
+    assert dict(os.environ) == before
 
 
 @pytest.mark.slow

@@ -47,10 +47,11 @@ including ``block_impl``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,8 @@ def time_paths(model: torch.nn.Module, runtime: Runtime, input_shape: tuple[int,
 
 
 def inductor_cache_dir() -> Path:
-    """Where inductor keeps compiled kernels and graphs between runs (created on first use).
+    """Where inductor keeps compiled kernels and graphs between runs: the user's TORCHINDUCTOR_CACHE_DIR, else
+    ~/.cache/densenet/inductor (or under XDG_CACHE_HOME).
 
     Importing torchvision already sets ``TORCHINDUCTOR_CACHE_DIR`` to inductor's default (a folder under /tmp,
     gone at reboot), so that value counts as unset; any other value is the user's and is kept.
@@ -196,8 +198,27 @@ def inductor_cache_dir() -> Path:
     path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if not path or os.path.abspath(path) == os.path.abspath(default_cache_dir()):
         path = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "densenet" / "inductor")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return Path(path)
+
+
+@contextlib.contextmanager
+def inductor_cache() -> Iterator[Path]:
+    """Inductor's cache folder set to ``inductor_cache_dir()`` for a run, and the caller's setting restored after.
+
+    Inductor reads the folder from the TORCHINDUCTOR_CACHE_DIR variable only (its compile workers inherit it), so
+    the variable is what is set; it is set where a run starts (``densenet train``, the speed benchmark), never by a
+    constructor, and put back as it was when the run ends.
+    """
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    path = inductor_cache_dir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 class StaticBatchModule:
@@ -213,7 +234,6 @@ class StaticBatchModule:
         self.module = module
         self.batch_sizes = set(batch_sizes)
         self.say = say
-        inductor_cache_dir()
         self.compiled: Any = torch.compile(module, dynamic=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
