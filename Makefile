@@ -1,15 +1,17 @@
-# Everything installs into .venv from pyproject.toml; `make demo` and `make test` work on a fresh machine.
+# Everything installs into .venv from pyproject.toml at the versions of constraints.txt; `make demo` and `make test`
+# work on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo test test-fast lint wheel-check test-torch211
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
 demo: install
@@ -24,6 +26,29 @@ test: install lint
 # The edit-test loop: everything not marked slow (no multi-process, SIGKILL or compile tests).
 test-fast: install lint
 	$(BIN)/python -m pytest -q --timeout=900 -m "not slow"
+
+# The package as a user gets it: wheel and sdist built and checked by twine, the wheel installed into a clean venv
+# that already holds the pinned torch, which pip must leave as it is (.ci/wheel_check.sh; about 3 minutes here).
+wheel-check: install
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test,dist]'
+	PYTHON=$(PYTHON) bash .ci/wheel_check.sh
+
+# The oldest torch the package supports (pyproject.toml), as the GPU machines hold it: torch 2.11.0 and
+# torchvision 0.26.0 from PyPI into build/venv-torch211 (a download of several GB: not part of CI), the rest at
+# constraints.txt's versions; then the tests not marked slow and scripts/gpu_bench.sh --tiny under it.
+TORCH211 := build/venv-torch211
+$(TORCH211)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(TORCH211)
+	$(TORCH211)/bin/pip install -q --upgrade pip
+	$(TORCH211)/bin/pip install -q torch==2.11.0 torchvision==0.26.0
+	grep -vE '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+|setuptools)==' $(CONSTRAINTS) \
+	  > $(TORCH211)/constraints.txt  # torch 2.11.0 itself needs setuptools<82
+	$(TORCH211)/bin/pip install -q -c $(TORCH211)/constraints.txt -e '.[test]' torch==2.11.0 torchvision==0.26.0
+	touch $@
+
+test-torch211: $(TORCH211)/.installed
+	$(TORCH211)/bin/python -m pytest -q --timeout=900 -m "not slow" -p no:cacheprovider
+	PYTHON=$(TORCH211)/bin/python bash scripts/gpu_bench.sh $(TORCH211)/gpu-bench-tiny --tiny
 
 # Real CIFAR-10 from ../shared/data/cifar10 (see README): extract once.
 data/cifar10/train: ../shared/data/cifar10/cifar10-jpeg.tar.gz
