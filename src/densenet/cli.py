@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     from densenet.errors import DenseNetError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, or a terminal that is not: escaped
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass  # replaced by something else (a test's capture, a notebook): it prints as it does
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     run = getattr(args, "_run", None)

@@ -10,6 +10,8 @@ FAULT is one of
 - ``before-rename``: on the N-th checkpoint rename, SIGKILL once the temporary file is complete and
   fsynced, just before ``os.replace`` puts it in place;
 - ``after-rename``: on the N-th checkpoint rename, SIGKILL right after ``os.replace``;
+- ``pause``: sleep N tenths of a second before every training step (not a kill: a run kept going long enough
+  for a second process to meet it);
 - ``none``: no fault.
 
 The faults wrap ``torch.save``, ``os.replace`` and ``F.cross_entropy`` (called once per training step);
@@ -24,11 +26,12 @@ import io
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
-FAULTS = ("none", "step", "torn", "before-rename", "after-rename")
+FAULTS = ("none", "step", "torn", "before-rename", "after-rename", "pause")
 
 
 def _die() -> None:
@@ -55,7 +58,16 @@ def install(fault: str, nth: int) -> None:
         count[0] += 1
         return count[0] == nth
 
-    if fault == "step":
+    if fault == "pause":
+        real_step_loss = F.cross_entropy
+
+        def slow_cross_entropy(*args, **kwargs):
+            if kwargs.get("reduction", "mean") == "mean":  # a training step
+                time.sleep(nth / 10)
+            return real_step_loss(*args, **kwargs)
+
+        F.cross_entropy = slow_cross_entropy
+    elif fault == "step":
         real_loss = F.cross_entropy
 
         def cross_entropy(*args, **kwargs):

@@ -124,8 +124,13 @@ def test_resume_with_another_model(capsys, trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained[1], run)
     code, _, err = run_cli(capsys, "train", "--resume", run, "--epochs", 2, "--model", "densenet_bc10_k4")
-    assert_user_error(code, err, "train", "does not fit")
+    assert_user_error(code, err, "train", "--model 'densenet_bc10_k4'", "would change it", "--fork NEW_DIR")
     assert load_checkpoint(run / LAST)["epoch"] == 1  # the run is untouched
+    fork = tmp_path / "fork"  # asked for: the copy is made, and the checkpoint does not fit the other model
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--epochs", 2, "--model", "densenet_bc10_k4",
+                           "--fork", fork)
+    assert_user_error(code, err, "train", "does not fit")
+    assert load_checkpoint(run / LAST)["epoch"] == 1 and not fork.exists()  # no half a fork is left
 
 
 def test_weights_of_another_class_count_for_evaluate(capsys, data, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -108,12 +107,14 @@ def test_a_run_killed_before_its_first_checkpoint_leaves_a_reusable_out(capsys, 
 
 
 def test_a_run_still_going_is_never_reused(capsys, tmp_path, data):
+    from densenet.training.run_folder import RunLock
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("model: x\n")
-    (run / ".owner").write_text(f"{socket.gethostname()} 1\n")  # PID 1: a live process, as a running writer
-    code, _, err = run_cli(capsys, *_train_args(data, run))
-    assert_user_error(code, err, "train", "is in use by a run still going (process 1)")
+    with RunLock(run):  # a writer still going holds the folder's lock (flock: even another open in this process)
+        code, _, err = run_cli(capsys, *_train_args(data, run))
+    assert_user_error(code, err, "train", f"is in use by a run still going (process {os.getpid()})")
     assert (run / "config.yaml").read_text() == "model: x\n"
 
 

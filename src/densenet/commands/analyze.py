@@ -8,10 +8,12 @@ The work is ``densenet.analysis.reuse``.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
 from densenet.analysis.reuse import feature_reuse, write_reuse
+from densenet.files import check_outputs
 
 # name -> (module with add_NAME_arguments/run_NAME, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -28,8 +30,12 @@ def add_reuse_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_reuse(args: argparse.Namespace) -> int:
+    from densenet.commands.metadata import weights_files
     from densenet.models.weights import load_weights
 
+    out = Path(args.out)
+    check_outputs([("--out", out / "reuse.png"), ("--out", out / "reuse.csv")], inputs=weights_files(args.weights),
+                  own=["reuse.png", "reuse.csv"], command="densenet analyze reuse")
     model, metadata = load_weights(args.weights)
     title = args.title if args.title is not None else " on ".join(
         str(metadata[k]) for k in ("model", "dataset") if metadata.get(k))

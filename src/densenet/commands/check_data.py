@@ -16,6 +16,7 @@ import numpy as np
 from densenet.data.check import CheckedCache, check_images, image_files
 from densenet.data.images import IMAGE_EXTENSIONS
 from densenet.errors import DenseNetError
+from densenet.files import printable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
         elif item.exists():
             groups.append((None, np.empty(0, dtype=np.uint64), [item]))
         else:
-            raise DenseNetError(f"{item}: no such file or folder")
+            raise DenseNetError(f"{printable(item)}: no such file or folder")
     todo = [p for _, _, files in groups for p in files]
     if not todo and not skipped:
-        raise DenseNetError(f"no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) under {', '.join(args.paths)}")
+        raise DenseNetError(f"no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) under "
+                            f"{', '.join(map(printable, args.paths))}")
     broken_paths: set[Path] = set()
     start = time.perf_counter()
     with tqdm(total=len(todo), unit="img", desc="checking", disable=args.quiet, file=sys.stderr,

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from densenet.commands.metadata import HOW, add_metadata_arguments, metadata_from_args
 from densenet.data.augment import TTA_VIEWS
 from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
@@ -41,6 +42,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "bf16 on a CPU with native bf16, else OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; "
         "eager: plain PyTorch, the error train reported)")
     add("--json", action="store_true", help="print one JSON object: top1_error, top5_error (percent), n, ...")
+    add_metadata_arguments(parser, classes=False)  # the class names are the data set's
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -48,7 +50,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise DenseNetError("give the weights to evaluate once: densenet evaluate RUN_DIR_OR_WEIGHTS (or --checkpoint)")
     result = evaluate_weights(args.weights or args.checkpoint, args.dataset, args.data_dir, batch_size=args.batch_size,
                               workers=args.workers, device=args.device, ten_crop=args.ten_crop, tta=args.tta,
-                              amp=args.amp, engine=args.engine)
+                              amp=args.amp, engine=args.engine, metadata=metadata_from_args(args))
+    if result["assumed"]:
+        how = HOW.replace(" --classes FILE", "").replace(" --input-size N", "")  # the data set gives names and size
+        print(f"densenet evaluate: note: {args.weights or args.checkpoint} carries no preprocessing: "
+              f"{result['assumed']}; if it was trained otherwise, {how}", file=sys.stderr)
     if result["engine_note"] and not args.json:
         print(f"densenet evaluate: {result['engine_note']}", file=sys.stderr)
     if result["tta"] != "none" and result["tta_source"] != "given" and not args.json:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from densenet.commands.metadata import weights_files
 from densenet.deploy.export import CHECK_BATCHES, FORMATS, check_output_path, export_model
 from densenet.errors import DenseNetError
+from densenet.files import check_outputs
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +38,8 @@ def run_export(args: argparse.Namespace) -> int:
     if fmt not in FORMATS:
         raise DenseNetError(f"unsupported export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = check_output_path(args.out)
+    check_outputs([("--out", out)], inputs=weights_files(args.weights), own=[f"*{FORMATS[fmt]}"],
+                  command="densenet export")
     model, metadata = load_weights(args.weights)
     worst = export_model(model, metadata, fmt, out)
     size = out.stat().st_size / 1e6

@@ -3,7 +3,8 @@
     densenet predict runs/digits my_digit.png             # top 5 classes with probabilities
     densenet predict model.safetensors photos/ --top-k 1 --json
 
-The work is ``densenet.deploy.predict.predict``; its docstring says how images are prepared.
+The work is ``densenet.deploy.predict.predict``; its docstring says how images are prepared. Every readable image
+gets its result; the unreadable ones are listed at the end, one line each on stderr, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import argparse
 import json
 import sys
 
-from densenet.deploy.predict import find_images, predict
+from densenet.commands.metadata import HOW, add_metadata_arguments, metadata_from_args
+from densenet.deploy.predict import SAID, assumptions, find_images, predict
 from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
 from densenet.inference.engines import CHOICES
@@ -31,6 +33,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how to run the network (default auto: OpenVINO bf16 on a CPU with native bf16, else "
                              "OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; see `densenet "
                              "bench inference`; eager: plain PyTorch)")
+    add_metadata_arguments(parser)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -42,9 +45,20 @@ def run_predict(args: argparse.Namespace) -> int:
         raise DenseNetError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = resolve_device(args.device)
     images = find_images(args.images)  # every path checked before the model is loaded
+    attached = metadata_from_args(args)
     model, metadata = load_weights(args.weights)
+    metadata = {**metadata, **attached}
     say = lambda line: print(f"densenet predict: {line}", file=sys.stderr)  # noqa: E731 - stdout stays the results
+    assumed = assumptions(metadata)
+    if assumed:
+        missing = ", ".join(key for key in SAID if not metadata.get(key))
+        say(f"note: {args.weights} carries no {missing}: assuming {assumed}; {HOW}")
+    unreadable = []
     for prediction in predict(model, metadata, images, args.top_k, device, args.batch_size, args.engine, say):
+        if prediction.error is not None:
+            unreadable.append(prediction.error)
+            if not args.json:
+                continue
         if args.json:
             print(json.dumps(prediction.as_json()))
         else:
@@ -52,4 +66,6 @@ def run_predict(args: argparse.Namespace) -> int:
             for index, name, probability in prediction.classes:
                 print(f"  {probability:8.4f}  {name} ({index})")
         sys.stdout.flush()
-    return 0
+    for reason in unreadable:  # at the end, where they are seen after the results
+        print(f"densenet predict: error: {reason}", file=sys.stderr)
+    return 1 if unreadable else 0

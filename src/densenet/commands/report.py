@@ -6,8 +6,10 @@ The work is ``densenet.analysis.report``.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from densenet.analysis.report import markdown, read_run, write_report
+from densenet.files import check_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        out = Path(args.out)
+        read = [Path(run) / name for run in args.runs for name in ("config.yaml", "metrics.csv")]
+        check_outputs([("--out", out / "report.md"), ("--out", out / "report.png")], inputs=read,
+                      own=["report.md", "report.png"], command="densenet report")
     results = [read_run(run) for run in args.runs]
     print(markdown(results), end="")
     if args.out:

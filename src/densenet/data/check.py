@@ -30,6 +30,7 @@ import numpy as np
 
 from densenet.data.images import IMAGE_EXTENSIONS, load_image
 from densenet.errors import DenseNetError
+from densenet.files import printable
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -47,14 +48,15 @@ class CheckedCache:
         if os.access(resolved.parent, os.W_OK):
             self.path = resolved.parent / name
         else:
-            tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+            tag = hashlib.sha256(os.fsencode(resolved)).hexdigest()[:12]
             self.path = Path.home() / ".cache" / "densenet" / f"{tag}{name}"
 
     def key(self, path: Path) -> int:
         """Of a file under the folder: its path relative to the folder, its size and its modification time."""
         st = path.stat()
-        text = f"{path.relative_to(self.folder)}\0{st.st_size}\0{st.st_mtime_ns}"
-        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+        # The name as bytes: a file name that is not UTF-8 (made on another system) is a key like any other.
+        text = os.fsencode(path.relative_to(self.folder)) + f"\0{st.st_size}\0{st.st_mtime_ns}".encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
     def load(self) -> np.ndarray:
         try:
@@ -82,7 +84,7 @@ def _check_one(path: Path) -> str | None:
     except DenseNetError as exc:
         reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - anything Pillow raises is a broken file for the data set
-        reason = f"cannot read image {path}: {type(exc).__name__}: {exc}"
+        reason = f"cannot read image {printable(path)}: {type(exc).__name__}: {exc}"
     else:
         return None
     return " ".join(line.strip() for line in reason.splitlines())  # one line per file, whatever the decoder said

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from densenet.errors import DenseNetError
+from densenet.files import printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _WHITE = {"RGB": (255, 255, 255), "L": 255}
@@ -44,7 +46,7 @@ def load_image(path: str | os.PathLike, mode: Literal["RGB", "L"] = "RGB") -> Im
     path = Path(path)
     _check_file(path)
     try:
-        with _strict_truncation(), Image.open(path) as img:
+        with _strict_truncation(), _quiet_pillow(), Image.open(path) as img:
             img.load()
             img = _upright(img)
             return _convert(img, mode)
@@ -76,7 +78,7 @@ def _check_file(path: Path) -> None:
 
 
 def _error(path: Path, reason: str) -> DenseNetError:
-    return DenseNetError(f"cannot read image {path}: {reason}")
+    return DenseNetError(f"cannot read image {printable(path)}: {reason}")
 
 
 def _reason(path: Path, exc: BaseException) -> str:
@@ -112,6 +114,17 @@ def _strict_truncation() -> Iterator[None]:
         yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+@contextlib.contextmanager
+def _quiet_pillow() -> Iterator[None]:
+    """Pillow's warnings say nothing a user can act on once the image decodes: a large image "could be
+    decompression bomb DOS attack" (below twice the limit; above it, it is an error we report), corrupt EXIF
+    (the pixels are kept as stored), palette transparency "should be converted to RGBA" (we convert it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def _upright(img: Image.Image) -> Image.Image:

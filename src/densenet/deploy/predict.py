@@ -12,8 +12,10 @@ data set it was trained on:
   as ``densenet.data.folders.decode_all`` does) — plain resizing, no crop;
 - ImageNet and image folders: short side resized to input_size * 256/224, centre crop (``eval_transform``).
 
-Any common image file works (grayscale, RGBA, palette, CMYK, 16-bit are converted by ``load_image``); a
-missing or broken file stops the command with one line naming it.
+Any common image file works (grayscale, RGBA, palette, CMYK, 16-bit are converted by ``load_image``). A broken
+file does not cost the others their results: it is yielded as a ``Prediction`` with its ``error`` and no classes.
+Weights without metadata are predicted with the assumptions ``assumptions`` states (no normalisation, class
+indices as names), which ``densenet predict`` says once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor
 from densenet.data.images import IMAGE_EXTENSIONS, load_image
 from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
+from densenet.files import printable
 
 
 @dataclass(frozen=True)
@@ -75,12 +78,36 @@ class Preprocess:
 
 @dataclass
 class Prediction:
-    image: str
+    image: str  # the file name, printable whatever its encoding (``files.printable``)
     classes: list[tuple[int, str, float]]  # (index, name, probability), most probable first
+    error: str | None = None  # why the image could not be read (then ``classes`` is empty)
 
     def as_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
         return {"image": self.image,
                 "predictions": [{"index": i, "class": name, "probability": p} for i, name, p in self.classes]}
+
+
+SAID = ("classes", "mean", "std", "input_size")  # what weights should say for prediction to need no guess
+
+
+def assumptions(metadata: dict[str, Any]) -> str | None:
+    """What prediction assumes for what the weights' metadata does not say (class names, mean and std), in words;
+    None when it says everything."""
+    missing = [key for key in SAID if not metadata.get(key)]
+    if not missing:
+        return None
+    preprocess = Preprocess.from_metadata(metadata)
+    side = preprocess.input_size
+    words = []
+    if "mean" in missing or "std" in missing:
+        words.append(f"no normalisation (pixels / 255, mean {list(preprocess.mean)}, std {list(preprocess.std)})")
+    if "input_size" in missing:
+        words.append(f"{'a centre crop' if preprocess.centre_crop else 'a plain resize'} to {side}x{side}")
+    if "classes" in missing:
+        words.append("class indices as names")
+    return ", ".join(words)
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -90,12 +117,13 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
         if item.is_dir():
             files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not files:
-                raise DenseNetError(f"folder {item} holds no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+                raise DenseNetError(f"folder {printable(item)} holds no image files "
+                                    f"({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
             found += files
         elif item.exists():
             found.append(item)  # named explicitly: tried whatever its extension (load_image says if it is no image)
         else:
-            raise DenseNetError(f"cannot read image {item}: no such file or folder")
+            raise DenseNetError(f"cannot read image {printable(item)}: no such file or folder")
     return found
 
 
@@ -121,8 +149,16 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
     model = model.to(device).eval()
     forward = None
     for start in range(0, len(images), batch_size):
-        paths = images[start:start + batch_size]
-        batch = torch.stack([preprocess(p) for p in paths]).to(device)
+        paths, tensors = [], []
+        for path in images[start:start + batch_size]:
+            try:
+                tensors.append(preprocess(path))
+                paths.append(path)
+            except DenseNetError as exc:  # the others keep their results; the caller lists the unreadable ones
+                yield Prediction(printable(path), [], error=str(exc))
+        if not paths:
+            continue
+        batch = torch.stack(tensors).to(device)
         if forward is None:  # built on real images, once the first batch has decoded
             # int8 is calibrated on the first batch of your images: there are no training images here
             calibration = batch if engine.endswith("-int8") else None
@@ -132,4 +168,4 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
         probabilities = torch.softmax(forward(batch).float(), dim=1).cpu()
         values, indices = probabilities.topk(k, dim=1)
         for path, vals, idxs in zip(paths, values.tolist(), indices.tolist(), strict=True):
-            yield Prediction(str(path), [(i, classes[i], v) for i, v in zip(idxs, vals, strict=True)])
+            yield Prediction(printable(path), [(i, classes[i], v) for i, v in zip(idxs, vals, strict=True)])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ import yaml
 
 from densenet.data.registry import DATASETS, dataset_record
 from densenet.errors import ConfigError
+
+# The data sets read from a folder (--data-dir naming a file is a mistake); medmnist and csv take a file.
+FOLDER_DATA = ("cifar10", "cifar100", "svhn", "imagenet", "folder")
 
 # Keys a recipe may carry that describe it rather than set an option (and any paper_* key).
 RECIPE_INFO = ("description",)
@@ -130,8 +134,8 @@ class TrainOptions:
         _positive("lr", self.lr, float)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1), not {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, not {self.weight_decay}")
+        if not self.weight_decay >= 0 or not math.isfinite(self.weight_decay):
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, not {self.weight_decay}")
         if not 0 < self.lr_gamma <= 1:
             raise ConfigError(f"lr_gamma must be in (0, 1], not {self.lr_gamma}")
         if not 0 <= self.drop_rate < 1:
@@ -155,6 +159,9 @@ class TrainOptions:
             raise ConfigError("--small-crop-epochs needs --small-crop SIZE")
         if self.input_size is not None:
             _positive("input-size", self.input_size, int)
+        if self.data_dir and self.dataset in FOLDER_DATA and Path(self.data_dir).is_file():
+            raise ConfigError(f"--data-dir {self.data_dir} is a file, not a folder: {self.dataset} is read from a "
+                              f"folder (unpack an archive first and give its folder)")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
@@ -171,7 +178,9 @@ class TrainOptions:
 
 
 def _positive(name: str, value: Any, kind: type) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+    """A positive int, or a positive finite number (nan and inf are not learning rates: they start no training)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not value > 0 \
+            or not math.isfinite(value):
         raise ConfigError(f"--{name} must be a positive {'number' if kind is float else 'integer'}, not {value!r}")
 
 
@@ -220,13 +229,18 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     """A YAML recipe as a dict of option values (with ``info`` holding paper_error and friends)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"recipe {path} does not exist; the paper's recipes are in configs/") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe {path} is a folder; give a YAML file (configs/*.yaml)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not a YAML text file (byte {exc.object[exc.start]:#04x} at position "
+                          f"{exc.start} is not UTF-8 text); give a recipe like configs/*.yaml") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of option: value")
+        raise ConfigError(f"recipe {path} must be a mapping of option: value, not a {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     data.pop("runtime", None)  # a run folder's config.yaml records the path it ran; a recipe does not set it
     info = {k: data.pop(k) for k in list(data) if k in RECIPE_INFO or k.startswith("paper_")}
@@ -234,9 +248,63 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - FIELDS)
     if unknown:
         raise ConfigError(f"recipe {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+    for name, value in data.items():
+        check_type(name, value, f"recipe {path}")
     if info:
         data["info"] = info
     return data
+
+
+_YAML_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a name or path (text)"}
+_PLURAL = {int: "integers", float: "numbers", str: "names"}
+
+
+def check_type(name: str, value: Any, source: str) -> None:
+    """``value`` fits option ``name``'s declared type as a flag's value would: a bool is true/false (YAML's own
+    booleans, not a string like "no", which Python would take as true), an integer an integer, a number a number,
+    a choice one of its ``Literal`` values. A ConfigError names the option and ``source`` (the recipe file)."""
+    hint = _TYPES[name]
+    if value is None and hint is not _base(hint):  # ``X | None``: None leaves the default
+        return
+    base = _base(hint)
+    if name == "info" or base is Any:
+        return
+    if typing.get_origin(base) is Literal:
+        if value not in typing.get_args(base):
+            raise ConfigError(f"{source}: {name} must be one of {', '.join(map(str, typing.get_args(base)))}, "
+                              f"not {value!r}")
+        return
+    if typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        if not isinstance(value, list) or not all(_fits(v, item) for v in value):
+            raise ConfigError(f"{source}: {name} must be a list of {_PLURAL.get(item, item)}, e.g. [150, 225], "
+                              f"not {value!r}")
+        return
+    if typing.get_origin(base) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name} must be a mapping, not {value!r}")
+        return
+    if not _fits(value, base):
+        raise ConfigError(f"{source}: {name} must be {_YAML_NAMES.get(base, base)}, not {value!r}"
+                          + (" (a quoted string)" if isinstance(value, str) and base is not str else ""))
+    if base is float and not math.isfinite(float(value)):  # .nan, .inf: no option means anything by them
+        raise ConfigError(f"{source}: {name} must be a finite number, not {value!r}")
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # True is an int to Python, never to a recipe
+        return False
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string: a number written as one is a number
+            try:
+                float(value)
+            except ValueError:
+                return False
+            return True  # "nan" too: the option's own check then says why it cannot be
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def resolve_options(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -253,3 +321,29 @@ def resolve_options(recipe: str | Path | None = None, overrides: dict[str, Any] 
         return TrainOptions(**values)
     except TypeError as exc:
         raise ConfigError(f"bad option value: {exc}") from exc
+
+
+# What a resumed run may be given anew without becoming another run: where and how it runs, and, with the paper's
+# step schedule, more epochs (a per-step schedule's length is its shape: --epochs would change the run).
+RESUME_FREE = ("epochs", "quiet", "workers", "threads", "data_dir", "download", "device", "compile", "channels_last",
+               "memory_efficient", "eval_every")
+
+
+def resume_changes(saved: dict[str, Any], given: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """The options ``given`` again to ``--resume`` (flags and recipe values) sorted into three lists: the same as
+    the run's (``saved``, its checkpoint's), free to change (``RESUME_FREE``), and changing the run."""
+    same, free, changing = [], [], []
+    for name, value in given.items():
+        if name == "info":
+            continue
+        if name in saved and saved[name] == value:
+            same.append(name)
+        elif name in RESUME_FREE and not (name == "epochs" and saved.get("schedule", "step") != "step"):
+            free.append(name)
+        else:
+            changing.append(name)
+    return same, free, changing
+
+
+def flag_name(name: str) -> str:
+    return f"--{name.replace('_', '-')}"

@@ -1,16 +1,19 @@
 """The run folder: config.yaml, metrics.csv, TensorBoard events, curves.png, checkpoints, model.safetensors.
 
-Only rank 0 writes here. Every file is replaced atomically (a temporary file, then a rename), so an
-interrupted run leaves complete files a ``--resume`` can trust; metrics.csv is rewritten from the
-history stored in the checkpoint, so after a resume it holds exactly one row per finished epoch.
+Only rank 0 writes here, and one process at a time: ``RunLock`` holds an exclusive OS lock on RUN/.lock for the
+whole run, taken before anything is written in the folder, so a second ``train --out RUN`` or ``--resume RUN`` stops
+at once naming the process that writes it; the kernel releases the lock when that process ends, even by SIGKILL, so
+a killed run never blocks its own resume. Every file is replaced atomically (a temporary file, then a rename), so an
+interrupted run leaves complete files a ``--resume`` can trust; metrics.csv is rewritten from the history stored in
+the checkpoint, so after a resume it holds exactly one row per finished epoch.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,28 +21,86 @@ from typing import Any
 import yaml
 
 from densenet.errors import ConfigError
-from densenet.files import atomic_write, pid_alive, with_advice
+from densenet.files import atomic_write, printable, with_advice
 from densenet.training.checkpoint import BEST, LAST
 
 WEIGHTS = "model.safetensors"
-OWNER = ".owner"  # "HOST PID" of the process that started the run in this folder
+LOCK = ".lock"  # flock()ed by the process writing the run; holds its PID
 COLUMNS = ["epoch", "lr", "train_loss", "train_error", "test_error", "test_top5_error", "seconds"]
+
+
+class RunLock:
+    """The exclusive lock on a run folder (``fcntl.flock`` on RUN/.lock), held until ``release`` or the process ends.
+
+    flock belongs to the open file, not the process: a second lock on the same folder fails even from the same
+    process (a test, a notebook), and the kernel drops it when the process dies however it dies. The PID written
+    into the file after locking is what a refused second writer names.
+    """
+
+    def __init__(self, run_dir: Path, flag: str = "--out") -> None:
+        self.path = Path(run_dir) / LOCK
+        try:
+            self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise with_advice(exc, self.path) from exc
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(self.fd)
+            self.release()
+            raise ConfigError(in_use(run_dir, flag, holder)) from None
+        os.ftruncate(self.fd, 0)  # written after locking: the holder's PID, never a loser's
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the lock
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder(fd: int) -> str:
+    """The PID the lock's holder wrote (it writes just after locking: a moment's wait covers that gap)."""
+    for _ in range(50):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit():
+            return text
+        time.sleep(0.01)
+    return "unknown"
+
+
+def in_use(run_dir: Path, flag: str, holder: str) -> str:
+    advice = ("choose another --out" if flag == "--out"
+              else "wait for it to end (or stop it), or --fork NEW_DIR to continue a copy elsewhere")
+    return f"{flag} {printable(run_dir)} is in use by a run still going (process {holder}); {advice}"
+
+
+def lock_held(run_dir: Path) -> str | None:
+    """The PID of the process holding ``run_dir``'s lock, or None when no process does (nothing is created)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+    return None
 
 
 def new_run_dir(out: str | None, dataset: str, model: str) -> Path:
     """The folder a new run writes to: ``--out`` (empty, new, or a run that never checkpointed), else
-    runs/<dataset>-<model>-<time>."""
+    runs/<dataset>-<model>-<time>. Checked again once the folder is locked (``check_out``)."""
     if out:
         path = Path(out)
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"--out {path} is a file, not a folder")
-        if _never_checkpointed(path):
-            print(f"--out {path} holds a run that stopped before its first checkpoint (nothing to resume): "
-                  f"starting a new run there", flush=True)
-            return path
-        if (path / LAST).exists() or (path / "config.yaml").exists():
-            raise ConfigError(f"--out {path} already holds a run; continue it with --resume {path} "
-                              f"or choose another --out")
+        check_out(path, locked=False)
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path("runs") / f"{dataset}-{model}-{stamp}"
@@ -50,20 +111,32 @@ def new_run_dir(out: str | None, dataset: str, model: str) -> Path:
     return path
 
 
+def check_out(path: Path, locked: bool) -> None:
+    """``--out`` may take a new run: it is new or empty, or holds a run killed before its first checkpoint.
+
+    ``locked``: this process holds the folder's lock, so no other writes it; otherwise a live holder is named.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {printable(path)} is a file, not a folder")
+    holder = None if locked else lock_held(path)
+    if holder is not None:
+        raise ConfigError(in_use(path, "--out", holder))
+    if _never_checkpointed(path):
+        if not locked:
+            print(f"--out {path} holds a run that stopped before its first checkpoint (nothing to resume): "
+                  f"starting a new run there", flush=True)
+        return
+    if (path / LAST).exists() or (path / "config.yaml").exists():
+        raise ConfigError(f"--out {printable(path)} already holds a run; continue it with --resume {printable(path)} "
+                          f"or choose another --out")
+
+
 def _never_checkpointed(path: Path) -> bool:
     """A run folder whose run was killed before its first checkpoint: config.yaml, but no checkpoint, no weights,
-    and no live process still writing it (the owner file names the writer's host and PID)."""
+    no metrics (the caller has made sure no live process holds its lock)."""
     if not (path / "config.yaml").is_file():
         return False
-    if any((path / name).exists() for name in (LAST, BEST, WEIGHTS, "metrics.csv")):
-        return False
-    try:
-        host, pid = (path / OWNER).read_text().split()
-    except (OSError, ValueError):
-        return False  # written before owner files existed, or unreadable: do not guess
-    if host == socket.gethostname() and int(pid) != os.getpid() and pid_alive(int(pid)):
-        raise ConfigError(f"--out {path} is in use by a run still going (process {pid}); choose another --out")
-    return host == socket.gethostname()
+    return not any((path / name).exists() for name in (LAST, BEST, WEIGHTS, "metrics.csv"))
 
 
 def finish_from_checkpoint(run_dir: Path, checkpoint: dict[str, Any], title: str,
@@ -108,11 +181,20 @@ def write_text(path: Path, text: str) -> None:
 
 def write_config(run_dir: Path, options: dict[str, Any]) -> None:
     write_text(run_dir / "config.yaml", yaml.safe_dump(options, sort_keys=False))
-    # Who writes this run (see _never_checkpointed): advisory, so a plain write, no fsync; torn, it is ignored.
+
+
+def edited_config(run_dir: Path, saved: dict[str, Any]) -> list[str]:
+    """The options whose value in RUN/config.yaml differs from ``saved`` (the checkpoint's), as "name: value";
+    [] when the file is missing or unreadable (then there is no edit to report)."""
     try:
-        (run_dir / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-    except OSError as exc:
-        raise with_advice(exc, run_dir / OWNER) from exc
+        written = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    if not isinstance(written, dict):
+        return []
+    written.pop("runtime", None)  # how the run ran (training/fast.py), not an option
+    return [f"{key}: {written.get(key)!r}" for key in sorted(set(written) | set(saved))
+            if key != "info" and written.get(key) != saved.get(key)]
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:

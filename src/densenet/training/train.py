@@ -219,6 +219,12 @@ def _fork_into(new_dir: Path, checkpoint_path: Path, held: contextlib.ExitStack)
     if new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir())):
         raise ConfigError(f"--fork {new_dir} must be a new or empty folder")
     run_folder.make_run_dir(new_dir)
+
+    def undo(exc_type, exc, tb) -> None:  # refused before the run began there (another model...): no half a fork
+        if exc_type is not None and not (new_dir / "config.yaml").exists():
+            shutil.rmtree(new_dir, ignore_errors=True)
+
+    held.push(undo)
     held.enter_context(run_folder.RunLock(new_dir, "--fork"))
     source = checkpoint_path.parent
     shutil.copyfile(checkpoint_path, new_dir / LAST)
