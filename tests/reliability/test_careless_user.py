@@ -252,3 +252,16 @@ def test_files_that_are_not_weights_are_told_apart_from_pickles_that_could_run_c
         line = assert_user_error(code, err, "predict", str(path), words)
         assert "could run code" not in line and "weights_only" not in line
         assert not [w for w in caught if "torch" in w.filename], [str(w.message) for w in caught]
+
+
+def test_explain_refuses_to_write_over_an_image_it_reads(capsys, run, tmp_path):
+    folder, image = run
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copyfile(image, images / "a.png")
+    shutil.copyfile(image, images / "a.cam.png")  # what an earlier `explain ... --out images` wrote for a.png
+    code, _, err = run_cli(capsys, "explain", folder, images, "--out", images, "--device", "cpu")
+    assert_user_error(code, err, "explain", f"--out {images / 'a.cam.png'} is a file densenet explain reads")
+    code, _, err = run_cli(capsys, "explain", folder, images / "a.png", "--out", folder, "--device", "cpu")
+    assert code == 0, err  # a new file in the run folder is fine
+    assert (folder / "a.cam.png").is_file()

@@ -22,6 +22,7 @@ from densenet.analysis.explain import METHODS, explain, task_from_metadata
 from densenet.deploy.predict import Preprocess, find_images
 from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
+from densenet.files import check_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,12 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from densenet.commands.metadata import weights_files
     from densenet.models.weights import load_weights
 
     if args.batch_size < 1:
         raise DenseNetError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = resolve_device(args.device)
     images = find_images(args.images)  # every path checked before the model is loaded
+    out = Path(args.out)  # NAME.METHOD.png per image (made unique) and the sheet: never over an input or run file
+    outputs = [("--out", out / f"{stem}.{args.method}.png") for stem in dict.fromkeys(p.stem for p in images)]
+    check_outputs(outputs + ([("--out", out / f"sheet.{args.method}.png")] if args.sheet else []),
+                  inputs=[*weights_files(args.weights), *images], own=[f"*.{args.method}.png"],
+                  command="densenet explain")
     model, metadata = load_weights(args.weights)
     model = model.to(device)
     preprocess = Preprocess.from_metadata(metadata)
