@@ -132,7 +132,7 @@ def test_existing_run_is_not_overwritten_and_resume_checks_the_architecture(tmp_
     assert train("--epochs", 1, "--out", run) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--epochs", "2", "--model", "densenet_bc16_k4", "--quiet"]) == 2
-    assert "does not fit" in capsys.readouterr().err
+    assert "--model 'densenet_bc16_k4' (the run's: 'densenet_bc10_k4') would change it" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--quiet"]) == 2
     assert "already finished 1 epochs" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2

@@ -11,6 +11,12 @@ left), our runs beside the paper's reported points for the same data sets.
 Our error is the last epoch's test error (the paper's CIFAR and ImageNet protocol), or, where the run
 has a validation column (SVHN), the test error of the epoch with the lowest validation error. The
 paper's error comes from the run's recipe (``paper_error:``) or else from ``PAPER_ERRORS`` below.
+
+Binary and multilabel runs (config.yaml's ``task``: MedMNIST, CSV-labelled sets) are measured by AUROC, ACC,
+mAP (and LRAP, Hamming loss for multilabel), labelled val and test, in a table of their own: the run's
+results.json (the epoch selected on validation AUROC, its validation measures and the test measures evaluated
+once on it), or, for a run without a validation split, metrics.csv's last evaluated epoch. Their "error" in
+the plot is the test error at probability 0.5 (100 (1 - subset accuracy); binary: 100 (1 - ACC)).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import csv
 import functools
 import io
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -67,6 +75,9 @@ class RunResult:
     error: float
     error_rule: str  # which epoch's test error
     paper_error: float | None
+    task: str = "multiclass"
+    # binary and multilabel runs: "val" and "test" measures of the reported epoch (auroc, acc, map, ...)
+    measures: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def difference(self) -> float | None:
@@ -90,18 +101,12 @@ def read_run(run_dir: str | Path) -> RunResult:
         raise DenseNetError(f"{run_dir / 'config.yaml'} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     with open(run_dir / "metrics.csv", newline="") as f:
         every = list(csv.DictReader(f))
-    rows = [row for row in every if row.get("test_error") not in (None, "")]  # --eval-every skips some epochs
-    if not rows:
-        raise DenseNetError(f"{run_dir / 'metrics.csv'} has no finished epoch with a test_error")
-    try:
-        if any(row.get("val_error") not in (None, "") for row in rows):
-            chosen = min(rows, key=lambda row: float(row["val_error"]))
-            rule = f"epoch {chosen['epoch']} (lowest validation error)"
-        else:
-            chosen, rule = rows[-1], f"epoch {rows[-1]['epoch']} (last)"
-        error = float(chosen["test_error"])
-    except (KeyError, ValueError) as exc:
-        raise DenseNetError(f"{run_dir / 'metrics.csv'} has a malformed row: {exc}") from exc
+    task = config["task"].get("kind", "multiclass") if isinstance(config.get("task"), dict) else "multiclass"
+    measures: dict[str, dict[str, float]] = {}
+    if task != "multiclass":
+        error, rule, measures = _task_measures(run_dir, every)
+    else:
+        error, rule = _multiclass_error(run_dir, every)
     model, metadata = load_weights(run_dir)
     dataset = str(config.get("dataset") or metadata.get("dataset") or "?")
     augment = str(config.get("augment") or "?")
@@ -115,7 +120,57 @@ def read_run(run_dir: str | Path) -> RunResult:
     return RunResult(run_dir.name, name, dataset, augment, done, int(config.get("epochs") or done),
                      int(subset) if subset else None,
                      count_parameters(model), count_macs(model, input_size), error, rule,
-                     None if paper is None else float(paper))
+                     None if paper is None else float(paper), task, measures)
+
+
+def _multiclass_error(run_dir: Path, every: list[dict[str, str]]) -> tuple[float, str]:
+    """The last epoch's test error, or the test error of the epoch with the lowest validation error."""
+    rows = [row for row in every if row.get("test_error") not in (None, "")]  # --eval-every skips some epochs
+    if not rows:
+        raise DenseNetError(f"{run_dir / 'metrics.csv'} has no finished epoch with a test_error")
+    try:
+        if any(row.get("val_error") not in (None, "") for row in rows):
+            chosen = min(rows, key=lambda row: float(row["val_error"]))
+            rule = f"epoch {chosen['epoch']} (lowest validation error)"
+        else:
+            chosen, rule = rows[-1], f"epoch {rows[-1]['epoch']} (last)"
+        error = float(chosen["test_error"])
+    except (KeyError, ValueError) as exc:
+        raise DenseNetError(f"{run_dir / 'metrics.csv'} has a malformed row: {exc}") from exc
+    return error, rule
+
+
+def _task_measures(run_dir: Path, every: list[dict[str, str]]) -> tuple[float, str, dict[str, dict[str, float]]]:
+    """A binary or multilabel run's test error at 0.5, which epoch, and its val and test measures: results.json
+    (selected on validation, tested once), else metrics.csv's last epoch with test measures."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        results = None
+    if isinstance(results, dict) and isinstance(results.get("test"), dict):
+        measures = {split: _floats(results[split]) for split in ("val", "test") if isinstance(results.get(split), dict)}
+        by = str(results.get("selected_by", "")).removeprefix("val_")
+        rule = (f"epoch {results.get('selected_epoch')} (highest validation {by}; test evaluated once on it)"
+                if "val" in measures else f"epoch {results.get('selected_epoch')} (last; no validation split)")
+        return measures["test"].get("error", math.nan), rule, measures
+    rows = [row for row in every if row.get("test_auroc") not in (None, "")]
+    if not rows:
+        raise DenseNetError(f"{run_dir} has no results.json and its metrics.csv no epoch with test measures "
+                            f"(was the run stopped before its end?)")
+    last = rows[-1]
+    measures = {split: _floats({k.removeprefix(split + "_"): v for k, v in last.items() if k.startswith(split + "_")})
+                for split in ("val", "test") if any(k.startswith(split + "_") for k in last)}
+    return measures["test"].get("error", math.nan), f"epoch {last['epoch']} (last)", measures
+
+
+def _floats(values: dict) -> dict[str, float]:
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = math.nan if value in (None, "") else float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _millions(n: int) -> str:
@@ -126,7 +181,34 @@ def _macs(n: int) -> str:
     return f"{n / 1e9:.3f}G" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
+TASK_COLUMNS = (("auroc", "AUROC"), ("acc", "ACC"), ("map", "mAP"), ("lrap", "LRAP"), ("hamming", "Hamming"))
+
+
+def task_markdown(results: list[RunResult]) -> str:
+    """The binary and multilabel runs: validation and test AUROC, ACC, mAP (LRAP, Hamming for multilabel)."""
+    header = "| run | model | data | task | epochs | params | " + " | ".join(
+        f"{split} {label}" for split in ("val", "test") for _, label in TASK_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (6 + 2 * len(TASK_COLUMNS))]
+    for r in results:
+        cells = []
+        for split in ("val", "test"):
+            values = r.measures.get(split, {})
+            cells += ["–" if math.isnan(values.get(key, math.nan)) else f"{values[key]:.4f}" for key, _ in TASK_COLUMNS]
+        epochs = f"{r.epochs_done}" + (f" of {r.epochs_planned}" if r.epochs_done != r.epochs_planned else "")
+        lines.append(f"| {r.run} | {r.model} | {paper_label(r.dataset, r.augment)} | {r.task} | {epochs} "
+                     f"| {_millions(r.params)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Reported epoch: " + "; ".join(f"{r.run}: {r.error_rule}" for r in results) + ". ACC at "
+                 "probability 0.5 over every label entry (MedMNIST's); AUROC and mAP averaged over the labels; "
+                 "LRAP: label-ranking average precision (multilabel).")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: list[RunResult]) -> str:
+    tasks = [r for r in results if r.task != "multiclass"]
+    if tasks:
+        rest = [r for r in results if r.task == "multiclass"]
+        return (markdown(rest) + "\n" if rest else "") + task_markdown(tasks)
     lines = ["| run | model | data | epochs | params | MACs | our error (%) | paper (%) | difference |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:

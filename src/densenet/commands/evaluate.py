@@ -41,7 +41,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--engine", choices=CHOICES, default="auto", help="how to run the network (default auto: OpenVINO "
         "bf16 on a CPU with native bf16, else OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; "
         "eager: plain PyTorch, the error train reported)")
-    add("--json", action="store_true", help="print one JSON object: top1_error, top5_error (percent), n, ...")
+    add("--json", action="store_true", help="print one JSON object: top1_error, top5_error (percent), n, ...; "
+        "binary and multilabel models: metrics (auroc, acc, map, hamming, f1_macro, per-label auroc/ and ap/, ...)")
+    add("--threshold", type=float, default=None, help="binary and multilabel models: the probability above which a "
+        "label counts as given, for ACC, Hamming loss and F1 (default 0.5, as MedMNIST measures ACC)")
     add_metadata_arguments(parser, classes=False)  # the class names are the data set's
 
 
@@ -50,7 +53,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise DenseNetError("give the weights to evaluate once: densenet evaluate RUN_DIR_OR_WEIGHTS (or --checkpoint)")
     result = evaluate_weights(args.weights or args.checkpoint, args.dataset, args.data_dir, batch_size=args.batch_size,
                               workers=args.workers, device=args.device, ten_crop=args.ten_crop, tta=args.tta,
-                              amp=args.amp, engine=args.engine, metadata=metadata_from_args(args))
+                              amp=args.amp, engine=args.engine, metadata=metadata_from_args(args),
+                              threshold=args.threshold)
     if result["assumed"]:
         how = HOW.replace(" --classes FILE", "").replace(" --input-size N", "")  # the data set gives names and size
         print(f"densenet evaluate: note: {args.weights or args.checkpoint} carries no preprocessing: "
@@ -62,6 +66,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
               f"{result['tta_source']}; --tta none evaluates one view)", file=sys.stderr)
     if args.json:
         print(json.dumps(result, allow_nan=False))  # valid JSON: a diverged model's errors are null
+    elif not result["diverged"] and result.get("metrics") is not None:
+        _print_task(result)
     elif not result["diverged"]:
         views = {"flip": " (image and mirror averaged)", "flip-shift": " (6 views averaged: flip-shift)"}
         crop = " (ten-crop)" if result["ten_crop"] else views.get(result["tta"], "")
@@ -74,3 +80,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+SHOWN = (("auroc", "AUROC"), ("acc", "ACC"), ("map", "mAP"), ("lrap", "LRAP (ranking AP)"),
+         ("hamming", "Hamming loss"), ("f1_macro", "F1 (macro)"), ("f1_micro", "F1 (micro)"), ("f1", "F1"))
+
+
+def _print_task(result: dict) -> None:
+    """A binary or multilabel evaluation: the averaged measures, then AUROC and AP per label."""
+    metrics = result["metrics"]
+    views = {"flip": ", image and mirror averaged", "flip-shift": ", 6 views averaged"}.get(result["tta"], "")
+    print(f"{result['model']} on {result['dataset']} test ({result['n']} images, {result['task']}, threshold "
+          f"{result['threshold']:g}{views}; {result['engine']} engine)")
+    for key, label in SHOWN:
+        if key in metrics:
+            value = metrics[key]
+            print(f"  {label:<18} {'n/a' if value is None else f'{value:.4f}'}")
+    if metrics.get("auroc_skipped"):
+        print(f"  ({int(metrics['auroc_skipped'])} label(s) with one class only in the test split: left out of "
+              f"AUROC and mAP)")
+    if len(result["labels"]) > 1 or result["task"] == "multilabel":
+        width = max(5, *(len(name) for name in result["labels"]))
+        print(f"  {'label':<{width}}  {'AUROC':>7}  {'AP':>7}")
+        for name in result["labels"]:
+            auc, ap = metrics.get(f"auroc/{name}"), metrics.get(f"ap/{name}")
+            print(f"  {name:<{width}}  {'n/a' if auc is None else f'{auc:.4f}':>7}  "
+                  f"{'n/a' if ap is None else f'{ap:.4f}':>7}")

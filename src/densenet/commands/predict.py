@@ -33,6 +33,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how to run the network (default auto: OpenVINO bf16 on a CPU with native bf16, else "
                              "OpenVINO or ONNX Runtime fp32, each checked against eager, else eager; see `densenet "
                              "bench inference`; eager: plain PyTorch)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="binary and multilabel models: the probability above which a label is given (default: "
+                             "the per-label thresholds training chose on validation data, else 0.5)")
     add_metadata_arguments(parser)
 
 
@@ -54,7 +57,8 @@ def run_predict(args: argparse.Namespace) -> int:
         missing = ", ".join(key for key in SAID if not metadata.get(key))
         say(f"note: {args.weights} carries no {missing}: assuming {assumed}; {HOW}")
     unreadable = []
-    for prediction in predict(model, metadata, images, args.top_k, device, args.batch_size, args.engine, say):
+    for prediction in predict(model, metadata, images, args.top_k, device, args.batch_size, args.engine, say,
+                              threshold=args.threshold):
         if prediction.error is not None:
             unreadable.append(prediction.error)
             if not args.json:
@@ -63,6 +67,14 @@ def run_predict(args: argparse.Namespace) -> int:
             print(json.dumps(prediction.as_json()))
         else:
             print(prediction.image)
+            if prediction.task != "multiclass":  # every label's probability, * above its threshold
+                for _, name, probability in prediction.classes:
+                    mark = "*" if name in prediction.labels else " "
+                    print(f"  {probability:8.4f} {mark} {name} (threshold {prediction.thresholds[name]:.4f})")
+                given = ", ".join(prediction.labels) or "none"
+                print(f"  -> {prediction.decided if prediction.task == 'binary' else given}")
+                sys.stdout.flush()
+                continue
             for index, name, probability in prediction.classes:
                 print(f"  {probability:8.4f}  {name} ({index})")
         sys.stdout.flush()

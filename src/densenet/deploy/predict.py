@@ -81,10 +81,21 @@ class Prediction:
     image: str  # the file name, printable whatever its encoding (``files.printable``)
     classes: list[tuple[int, str, float]]  # (index, name, probability), most probable first
     error: str | None = None  # why the image could not be read (then ``classes`` is empty)
+    # binary and multilabel (``task`` in the metadata): ``classes`` holds every label's sigmoid probability;
+    # ``labels`` the names above their ``thresholds`` (per label); ``decided`` a binary model's class
+    task: str = "multiclass"
+    thresholds: dict[str, float] | None = None
+    labels: list[str] | None = None
+    decided: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         if self.error is not None:
             return {"image": self.image, "error": self.error}
+        if self.task != "multiclass":
+            out = {"image": self.image, "task": self.task,
+                   "probabilities": {name: p for _, name, p in self.classes},
+                   "thresholds": self.thresholds, "labels": self.labels}
+            return out | ({"class": self.decided} if self.task == "binary" else {})
         return {"image": self.image,
                 "predictions": [{"index": i, "class": name, "probability": p} for i, name, p in self.classes]}
 
@@ -129,8 +140,12 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[str | Path], top_k: int = 5,
             device: str | torch.device = "cpu", batch_size: int = 32, engine: str = "auto",
-            say: Callable[[str], None] | None = None) -> Iterator[Prediction]:
+            say: Callable[[str], None] | None = None, threshold: float | None = None) -> Iterator[Prediction]:
     """Top-k predictions for each image file, in order, a batch at a time, through an inference ``engine``.
+
+    Weights of a binary or multilabel task (the metadata's ``task``) give every label's sigmoid probability and
+    the labels above a threshold: ``threshold`` when given, else the per-label ones training chose on validation
+    data (the metadata's ``thresholds``), else 0.5; a binary model's ``decided`` class follows the same rule.
 
     The engine (``densenet.inference.engines``; ``auto``: the fastest that keeps eager's accuracy on this
     hardware, checked against eager on the first batch) is built on the first batch; ``say`` is told which one
@@ -142,10 +157,12 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
     num_classes = int(metadata["config"]["num_classes"])
     if num_classes <= 0:
         raise DenseNetError("this model has no classifier (num_classes 0): nothing to predict")
+    task = _task(metadata, num_classes)
     classes = list(metadata.get("classes") or [str(i) for i in range(num_classes)])
-    if len(classes) != num_classes:
+    if task is None and len(classes) != num_classes:
         raise DenseNetError(f"the weights' metadata names {len(classes)} classes for a {num_classes}-class model")
     k = min(top_k, num_classes)
+    cutoffs = _thresholds(task, metadata, threshold)
     model = model.to(device).eval()
     forward = None
     for start in range(0, len(images), batch_size):
@@ -162,10 +179,52 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
         if forward is None:  # built on real images, once the first batch has decoded
             # int8 is calibrated on the first batch of your images: there are no training images here
             calibration = batch if engine.endswith("-int8") else None
-            forward = build_engine(model, engine, example=batch, device=device, calibration=calibration)
+            forward = build_engine(model, engine, example=batch, device=device, calibration=calibration,
+                                   sigmoid=task is not None and task.sigmoid)
             if say:
                 say(forward.describe() + (f"; {forward.note}" if forward.note else ""))
+        if task is not None and task.sigmoid:
+            yield from _sigmoid_predictions(task, paths, forward(batch).float().sigmoid().cpu(), cutoffs)
+            continue
         probabilities = torch.softmax(forward(batch).float(), dim=1).cpu()
         values, indices = probabilities.topk(k, dim=1)
         for path, vals, idxs in zip(paths, values.tolist(), indices.tolist(), strict=True):
             yield Prediction(printable(path), [(i, classes[i], v) for i, v in zip(idxs, vals, strict=True)])
+
+
+def _task(metadata: dict[str, Any], outputs: int):
+    """The weights' task (``densenet.data.task.Task``) when the metadata record one, else None (multiclass)."""
+    if not isinstance(metadata.get("task"), dict):
+        return None
+    from densenet.data.task import Task
+
+    task = Task.from_dict(metadata["task"])
+    if task.num_outputs != outputs:
+        raise DenseNetError(f"the weights' metadata records a {task.kind} task with {task.num_outputs} outputs for "
+                            f"a model with {outputs}")
+    return task
+
+
+def _thresholds(task, metadata: dict[str, Any], threshold: float | None) -> list[float]:
+    """Per output: ``threshold``, else the metadata's (chosen on validation data), else 0.5."""
+    if task is None or not task.sigmoid:
+        return []
+    if threshold is not None:
+        if not 0 <= threshold <= 1:
+            raise DenseNetError(f"--threshold is a probability in [0, 1], not {threshold}")
+        return [float(threshold)] * task.num_outputs
+    recorded = metadata.get("thresholds")
+    if isinstance(recorded, list) and len(recorded) == task.num_outputs:
+        return [float(t) for t in recorded]
+    return [0.5] * task.num_outputs
+
+
+def _sigmoid_predictions(task, paths: Sequence[str | Path], probabilities: Tensor,
+                         cutoffs: list[float]) -> Iterator[Prediction]:
+    names = list(task.label_names)
+    for path, row in zip(paths, probabilities.tolist(), strict=True):
+        ranked = sorted(((j, names[j], p) for j, p in enumerate(row)), key=lambda item: -item[2])
+        above = [names[j] for j, p in enumerate(row) if p > cutoffs[j]]
+        decided = (task.names[1] if above else task.names[0]) if task.kind == "binary" else None
+        yield Prediction(printable(path), ranked, task=task.kind, thresholds=dict(zip(names, cutoffs, strict=True)),
+                         labels=above, decided=decided)

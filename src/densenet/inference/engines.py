@@ -102,14 +102,16 @@ def engine_cache_dir() -> Path:
 
 def build_engine(model: nn.Module, engine: str, example: Tensor, device: torch.device | str = "cpu",
                  channels_last: bool = False, calibration: Tensor | None = None, threads: int | None = None,
-                 cache: bool = True) -> Engine:
+                 cache: bool = True, sigmoid: bool = False) -> Engine:
     """``model`` (eval mode) running through ``engine`` (one of ``CHOICES``); see the module docstring.
 
     ``example`` is a batch of the size and shape to expect: ``compile`` is built for its batch size.
+    ``sigmoid``: the outputs are independent probabilities (binary, multilabel tasks), so ``auto`` checks an
+    engine's agreement on each label's decision at 0.5 rather than on the top class (``disagreement``).
     """
     device = torch.device(device)
     if engine == "auto":
-        return _auto(model, example, device, channels_last, threads, cache)
+        return _auto(model, example, device, channels_last, threads, cache, sigmoid)
     if engine not in ENGINES:
         raise ConfigError(f"unknown inference engine {engine!r}; choose one of {', '.join(CHOICES)}")
     threads = threads or torch.get_num_threads()
@@ -161,19 +163,24 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
     return (AUTO_BF16, *AUTO_ORDER) if native_bf16(device) else AUTO_ORDER
 
 
-def disagreement(name: str, logits: Tensor, expected: Tensor) -> str | None:
-    """Why engine ``name``'s ``logits`` are not eager's ``expected`` within its precision; None if they are."""
+def disagreement(name: str, logits: Tensor, expected: Tensor, sigmoid: bool = False) -> str | None:
+    """Why engine ``name``'s ``logits`` are not eager's ``expected`` within its precision; None if they are.
+
+    ``sigmoid`` (binary, multilabel): the decisions compared are each output's probability above 0.5 (logit
+    above 0), not the argmax, which a one-logit binary model would always keep."""
     for who, values in (("eager", expected), (name, logits)):
         if not bool(torch.isfinite(values).all()):  # NaN compares as within any tolerance: check it first
             return f"{name} not used: {who} gave non-finite logits"
     worst = float((logits.float() - expected.float()).abs().max())
     scale = max(1.0, float(expected.abs().max()))
     if name == AUTO_BF16:
-        kept = float((logits.argmax(1) == expected.argmax(1)).float().mean())
+        kept = (float(((logits > 0) == (expected > 0)).float().mean()) if sigmoid or expected.shape[1] == 1
+                else float((logits.argmax(1) == expected.argmax(1)).float().mean()))
         if worst > BF16_TOLERANCE * scale:
             return f"{name} strayed {worst:.1e} from eager (bf16 allows {BF16_TOLERANCE * scale:.1e})"
         if kept < BF16_AGREEMENT:
-            return f"{name} kept eager's top class on {100 * kept:.0f}% of {len(expected)} images"
+            what = "decisions at 0.5" if sigmoid or expected.shape[1] == 1 else "top class"
+            return f"{name} kept eager's {what} on {100 * kept:.0f}% of {len(expected)} images"
         return None
     if worst > AUTO_TOLERANCE * scale:
         return f"{name} strayed {worst:.1e} from eager"
@@ -181,7 +188,7 @@ def disagreement(name: str, logits: Tensor, expected: Tensor) -> str | None:
 
 
 def _auto(model: nn.Module, example: Tensor, device: torch.device, channels_last: bool, threads: int | None,
-          cache: bool) -> Engine:
+          cache: bool, sigmoid: bool = False) -> Engine:
     """The first engine of ``auto_order`` that is installed, builds and agrees with eager on the example."""
     skipped: list[str] = []
     probe = example[:CHECK_IMAGES].to(device)
@@ -196,7 +203,7 @@ def _auto(model: nn.Module, example: Tensor, device: torch.device, channels_last
             continue
         try:
             engine = build_engine(model, name, example, device, channels_last, threads=threads, cache=cache)
-            problem = disagreement(name, engine(probe).float().cpu(), expected)
+            problem = disagreement(name, engine(probe).float().cpu(), expected, sigmoid)
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot build this graph: the next one will do
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             skipped.append(f"{name} failed ({first})")

@@ -8,17 +8,19 @@ except the model and optimiser, which is what makes a resumed run exactly equal 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from densenet.data.augment import alternate_flips, normalize, pad_crop_flip, tta_views
+from densenet.data.augment import alternate_flips, augment_batch, normalize, pad_crop_flip, tta_views
 from densenet.data.datasets import Data, Split, worker_error_message
+from densenet.data.task import Task
 from densenet.devices import autocast
 from densenet.errors import DenseNetError
 from densenet.training.distributed import Dist, all_sum, broadcast_flag
@@ -31,10 +33,14 @@ class NonFiniteLoss(DenseNetError):
 @dataclass
 class Stats:
     loss: float
-    error: float  # top-1, percent
+    error: float  # percent: top-1 (multiclass); at 0.5 for binary and multilabel (see ``sigmoid_errors``)
     top5_error: float
     n: int
     seconds: float
+    # binary and multilabel evaluations: ``densenet.data.metrics.compute_metrics`` (auroc, acc, map, ...)
+    metrics: dict[str, float] = field(default_factory=dict)
+    # binary and multilabel evaluations: (targets, probabilities) on the CPU, for thresholds chosen on validation
+    outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0, stream: int = 0) -> int:
@@ -108,7 +114,9 @@ class Batches:
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             x = self.split.images[index].to(self.device, non_blocking=True)
-            if self.augment:
+            if self.augment and x.dim() == 5:  # volumes (N, C, D, H, W): shifts and flips along every axis
+                x = augment_batch(x, generator)
+            elif self.augment:
                 flips = None if self.first_flips is None else alternate_flips(self.first_flips, index, epoch)
                 x = pad_crop_flip(x, generator, self.crop_padding, self.crop_size, flips=flips)
             yield self._finish(normalize(x, self.data.mean, self.data.std)), self.split.labels[index].to(self.device)
@@ -126,10 +134,17 @@ class Batches:
 def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, epoch: int,
                     device: torch.device, info: Dist, amp: str = "none", scaler=None, quiet: bool = False,
                     total_epochs: int | None = None, *, forward: Callable | None = None,
-                    scheduler=None, label_smoothing: float = 0.0) -> Stats:
+                    scheduler=None, label_smoothing: float = 0.0, loss_fn: Callable | None = None,
+                    task: Task | None = None) -> Stats:
     """One pass over the training batches. ``forward`` (default: ``model``) computes the logits, e.g. the
-    compiled module of training/fast.py; ``scheduler``, when given, is stepped after every optimiser step."""
+    compiled module of training/fast.py; ``scheduler``, when given, is stepped after every optimiser step.
+
+    ``loss_fn`` (default: cross-entropy with ``label_smoothing``) is the task's loss (``Task.loss``: BCE with
+    logits for binary and multilabel); ``task`` decides the train error: top-1 for multiclass (the default), the
+    fraction of label entries wrong at probability 0.5 (MedMNIST's ACC) for binary and multilabel. Either way it
+    costs the one ``.item()`` per step the multiclass error always took."""
     model.train()
+    sigmoid = task is not None and task.sigmoid
     forward = forward or model
     loss_sum = correct = seen = 0.0
     start = time.perf_counter()
@@ -143,7 +158,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.o
         for step, (x, y) in enumerate(batches.epoch(epoch)):
             with autocast(device, amp):
                 logits = forward(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                loss = (F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing) if loss_fn is None
+                        else loss_fn(logits, y))
             bad = not bool(torch.isfinite(loss))
             if broadcast_flag(bad, info, device):
                 raise NonFiniteLoss(f"the loss became {loss.item() if bad else 'non-finite on another rank'} "
@@ -161,7 +177,10 @@ def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.o
                 scheduler.step()
             n = y.shape[0]
             loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == y).sum().item()
+            if sigmoid:  # per image, the fraction of its label entries right at 0.5 (logit 0)
+                correct += ((logits.detach() > 0) == (y.reshape(logits.shape) > 0.5)).float().mean(1).sum().item()
+            else:
+                correct += (logits.argmax(1) == y).sum().item()
             seen += n
             bar.update(n * info.world_size)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
@@ -179,7 +198,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Batches, optimizer: torch.o
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, info: Dist,
-             amp: str = "none", *, forward: Callable | None = None, tta: str = "none") -> Stats:
+             amp: str = "none", *, forward: Callable | None = None, tta: str = "none",
+             task: Task | None = None, threshold=0.5) -> Stats:
     """Loss, top-1 and top-5 error (percent) over the whole split; ten-crop inputs (B, 10, C, H, W) averaged.
 
     ``tta`` ("flip", "flip-shift": data/augment.py) averages the softmax over views of each image, as ten-crop
@@ -188,13 +208,24 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
     six batches of 256 faster than one of 1536: in `make cifar10-cpu` (2-core AMD EPYC, 2026-11-30, metrics.csv
     of docs/runs/cifar10-densenet_bc40_k12-cpu and of its previous version, 7f28554) the six-view evaluation
     took about 76 s this way against about 110 s as one call.
+
+    A binary or multilabel ``task`` (``Task.sigmoid``) is measured by ``densenet.data.metrics.compute_metrics``
+    (AUROC, ACC, mAP, Hamming, F1: ``Stats.metrics``, at ``threshold``) on the sigmoid probabilities of the
+    whole split, views averaged as probabilities; the loss is the unweighted BCE of those probabilities and
+    ``Stats.outputs`` keeps (targets, probabilities) on the CPU. Multiclass (the default) is measured as it
+    always was: loss, top-1, top-5, nothing slower. Volumes (N, C, D, H, W) of a 3D set are single views.
     """
     model.eval()
     forward = forward or model
+    volumes = getattr(getattr(batches, "data", None), "spatial_dims", 2) == 3
+    if volumes and tta != "none":
+        raise DenseNetError(f"--tta {tta} views 2D images; this data set holds 3D volumes (use --tta none)")
+    if task is not None and task.sigmoid:
+        return _evaluate_sigmoid(batches, device, info, amp, forward, tta, task, volumes, threshold)
     loss_sum = top1 = top5 = seen = 0.0
     start = time.perf_counter()
     for x, y in batches.epoch(0):
-        crops = x.shape[1] if x.dim() == 5 else 0
+        crops = x.shape[1] if x.dim() == 5 and not volumes else 0
         if tta != "none":
             x = tta_views(x, tta, batches.padding_value)
             crops = x.shape[1]
@@ -213,3 +244,43 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
     loss_sum, top1, top5, seen = all_sum([loss_sum, top1, top5, seen], info, device)
     n = max(seen, 1)
     return Stats(loss_sum / n, 100.0 * (1 - top1 / n), 100.0 * (1 - top5 / n), int(seen), time.perf_counter() - start)
+
+
+def _evaluate_sigmoid(batches: Batches, device: torch.device, info: Dist, amp: str, forward: Callable,
+                      tta: str, task: Task, volumes: bool, threshold) -> Stats:
+    """``evaluate`` for binary and multilabel tasks: every probability kept, measured once at the end."""
+    from densenet.data.metrics import compute_metrics
+
+    start = time.perf_counter()
+    all_probs, all_targets = [], []
+    for x, y in batches.epoch(0):
+        crops = x.shape[1] if x.dim() == 5 and not volumes else 0
+        if tta != "none":
+            x = tta_views(x, tta, batches.padding_value)
+            crops = x.shape[1]
+        with autocast(device, amp):
+            if crops:
+                probs = sum(task.probabilities(forward(batches._finish(x[:, v]))) for v in range(crops)) / crops
+            else:
+                probs = task.probabilities(forward(x))
+        all_probs.append(probs.float().cpu())
+        all_targets.append(y.cpu())
+    probs = torch.cat(all_probs) if all_probs else torch.zeros(0, task.num_outputs)
+    targets = torch.cat(all_targets) if all_targets else torch.zeros(0)
+    if info.enabled:  # every rank measures the whole split (its share alone would give other AUROCs)
+        import torch.distributed as dist
+
+        gathered: list = [None] * info.world_size
+        dist.all_gather_object(gathered, (probs, targets))
+        probs = torch.cat([p for p, _ in gathered])
+        targets = torch.cat([t for _, t in gathered])
+    n = int(targets.shape[0])
+    if n == 0:
+        return Stats(math.nan, math.nan, math.nan, 0, time.perf_counter() - start)
+    y = targets.to(torch.float64).reshape(probs.shape)
+    p = probs.to(torch.float64)
+    loss = float(F.binary_cross_entropy(p.clamp(1e-12, 1 - 1e-12), y)) if bool(torch.isfinite(p).all()) \
+        else math.nan
+    metrics = compute_metrics(task, targets, probs, threshold) if math.isfinite(loss) else {}
+    error = metrics.get("error", math.nan)
+    return Stats(loss, error, math.nan, n, time.perf_counter() - start, metrics, (targets, probs))

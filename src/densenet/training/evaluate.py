@@ -12,6 +12,11 @@ native bf16, else fp32; checked against eager on the first test images; see ``de
 it is named in the output), or the one ``--engine`` names; ``--engine eager`` is plain PyTorch and gives
 exactly the error ``densenet train`` reported. ``--amp bf16`` and a GPU run eager PyTorch under ``auto``.
 
+Binary and multilabel weights (their metadata's ``task``) are measured by ``densenet.data.metrics``: AUROC per
+label and averaged, mAP, ACC at 0.5 (MedMNIST's), Hamming loss, F1 (``metrics`` in the result); a CSV-labelled
+set is loaded with the weights' label names and, for a run folder, its split.csv and seed, so the test split is
+the one the run held out.
+
 Test-time augmentation is the run's own unless ``tta`` is given: the weights' metadata records it (``tta``), and
 for weights saved before it did, the ``config.yaml`` of the run folder they are in; so evaluating a run folder
 reproduces the error its training reported, to the image, with ``--engine eager``.
@@ -28,6 +33,7 @@ import torch
 from densenet.data.augment import TTA_VIEWS
 from densenet.data.datasets import load_data
 from densenet.data.registry import DATASETS
+from densenet.data.task import Task
 from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
 from densenet.training.distributed import Dist
@@ -37,14 +43,18 @@ from densenet.training.engine import Batches, evaluate
 def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str | None = None, *,
                      batch_size: int = 128, workers: int = 4, device: str = "auto", ten_crop: bool = False,
                      tta: str | None = None, amp: str = "none", engine: str = "auto",
-                     metadata: dict | None = None) -> dict:
+                     metadata: dict | None = None, threshold: float | None = None) -> dict:
     """Top-1/top-5 error, loss and count of the weights on the test split, and the inference engine that ran.
 
     ``metadata`` (mean, std, classes, dataset...) is attached to weights that lack it, over what they carry; what
     was assumed for lack of it is returned as ``assumed`` (None when the weights said everything needed).
 
     ``tta=None`` applies the run's recorded test-time augmentation (``run_tta``); the result says which ran and
-    where it came from (``tta``, ``tta_source``)."""
+    where it came from (``tta``, ``tta_source``).
+
+    Binary and multilabel weights: ``metrics`` holds every measure of ``densenet.data.metrics.compute_metrics``
+    at ``threshold`` (default 0.5, as training reports them), ``task`` and ``labels`` say what was measured;
+    ``top1_error``/``top5_error`` are then None (``metrics["error"]`` is the error at the threshold)."""
     from densenet.inference.engines import build_engine
     from densenet.models.weights import load_weights
 
@@ -61,16 +71,31 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
         raise DenseNetError(f"{checkpoint} does not say which data set it was trained on; pass --dataset")
     if ten_crop and dataset in DATASETS and DATASETS[dataset].in_memory:
         raise DenseNetError(f"--ten-crop is for imagenet and folder data sets, not {dataset} (32x32 images)")
-    data = load_data(dataset, data_dir, train=False, ten_crop=ten_crop, input_size=meta.get("input_size"))
+    task = Task.from_dict(meta["task"]) if isinstance(meta.get("task"), dict) else None
+    run = _run_config(checkpoint)
+    extra = {}
+    if dataset in ("csv", "medmnist") and run.get("dataset") == dataset:
+        data_dir = data_dir or run.get("data_dir")  # the run's own file
+    if dataset == "csv":  # the run's label names, and the split it drew (its split.csv and seed)
+        from densenet.training.tasks import split_file
+
+        extra = {"seed": int(run.get("seed", 0)), "split_file": split_file(checkpoint) if Path(checkpoint).exists()
+                 else None, "names": list(task.names) if task is not None else None}
+    data = load_data(dataset, data_dir, train=False, ten_crop=ten_crop, input_size=meta.get("input_size"), **extra)
+    task = task or data.task  # weights from before tasks were recorded: multiclass, as the data say
+    if task.kind != data.task.kind:
+        raise DenseNetError(f"{checkpoint} was trained for a {task.kind} task but {dataset} here is {data.task.kind}"
+                            f" ({', '.join(data.task.names)})")
     classes = meta.get("classes")
     if classes and len(classes) != data.num_classes:
         raise DenseNetError(f"{checkpoint} predicts {len(classes)} classes but {dataset} has {data.num_classes}")
     if int(model.config.get("in_chans", 3)) != data.in_chans:
         raise DenseNetError(f"{checkpoint} takes {model.config.get('in_chans', 3)}-channel images but {dataset} has "
                             f"{data.in_chans}-channel images")
-    if model.config.get("num_classes") != data.num_classes:
+    if model.config.get("num_classes") != task.num_outputs:
         raise DenseNetError(f"{checkpoint} has {model.config.get('num_classes')} outputs but {dataset} has "
-                            f"{data.num_classes} classes")
+                            f"{data.num_classes} {'labels' if task.kind == 'multilabel' else 'classes'}"
+                            + (" (one output: the positive class's)" if task.kind == "binary" else ""))
     assumed = None
     if meta.get("mean") and data.in_memory:  # normalise as in training
         data = dataclasses.replace(data, mean=list(meta["mean"]), std=list(meta["std"]))
@@ -85,13 +110,19 @@ def evaluate_weights(checkpoint: str, dataset: str | None = None, data_dir: str 
     model = model.to(dev).eval()
     calibration = _calibration(dataset, data_dir, meta) if engine.endswith("-int8") else None
     forward = build_engine(model, "eager" if amp != "none" and engine == "auto" else engine, example, dev,
-                           calibration=calibration)
-    stats = evaluate(model, batches, dev, Dist(), amp, forward=forward, tta=tta)
+                           calibration=calibration, sigmoid=task.sigmoid)
+    stats = evaluate(model, batches, dev, Dist(), amp, forward=forward, tta=tta, task=task,
+                     threshold=0.5 if threshold is None else threshold)
     # Non-finite outputs (diverged weights) make the loss NaN and the error rates meaningless: null, not NaN.
     diverged = not math.isfinite(stats.loss)
-    return {"model": meta.get("model"), "dataset": dataset,
-            "top1_error": None if diverged else round(stats.error, 4),
-            "top5_error": None if diverged else round(stats.top5_error, 4), "n": stats.n,
+    multiclass = task.kind == "multiclass"
+    per_task = {} if multiclass else {
+        "labels": list(task.label_names), "threshold": 0.5 if threshold is None else threshold,
+        "metrics": None if diverged else {k: None if not math.isfinite(v) else round(v, 6)
+                                          for k, v in stats.metrics.items()}}
+    return {"model": meta.get("model"), "dataset": dataset, "task": task.kind, **per_task,
+            "top1_error": None if diverged or not multiclass else round(stats.error, 4),
+            "top5_error": None if diverged or not multiclass else round(stats.top5_error, 4), "n": stats.n,
             "loss": None if diverged else round(stats.loss, 6), "ten_crop": ten_crop, "tta": tta,
             "tta_source": tta_source, "amp": amp,
             "diverged": diverged, "engine": forward.name, "engine_build_seconds": round(forward.build_seconds, 3),
@@ -115,6 +146,21 @@ def run_tta(weights: str, metadata: dict) -> tuple[str, str]:
         if isinstance(recorded, str) and recorded in TTA_VIEWS:
             return recorded, str(config)
     return "none", "default"
+
+
+def _run_config(weights: str) -> dict:
+    """The config.yaml of the run folder the weights are (or are in): its seed and data; {} when there is none."""
+    path = Path(weights)
+    config = (path if path.is_dir() else path.parent) / "config.yaml"
+    if not (path.exists() and config.is_file()):
+        return {}
+    import yaml
+
+    try:
+        value = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _first_test_images(data, count: int) -> torch.Tensor:

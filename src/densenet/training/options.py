@@ -65,6 +65,9 @@ class TrainOptions:
                                                         "conv/linear weights only (not BN scales, biases)")
     label_smoothing: float = option(0.0, "cross-entropy against (1-EPS) one-hot + EPS uniform (default 0)",
                                     metavar="EPS")
+    pos_weight: Literal["none", "auto"] = option("none", "binary and multilabel tasks: auto weighs each label's "
+                                                 "positives in BCE by negatives / positives in the training "
+                                                 "targets (class imbalance); none (default) leaves BCE unweighted")
     tta: Literal["none", "flip", "flip-shift"] = option("none", "test-time augmentation of every evaluation: "
         "flip averages the softmax of each image and its mirror image; flip-shift also of both moved one pixel "
         "down-right and up-left (6 views; default none)")
@@ -243,6 +246,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {path} must be a mapping of option: value, not a {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     data.pop("runtime", None)  # a run folder's config.yaml records the path it ran; a recipe does not set it
+    data.pop("task", None)  # nor the task its data had (training/tasks.py): the data decide it
     info = {k: data.pop(k) for k in list(data) if k in RECIPE_INFO or k.startswith("paper_")}
     info.update(data.pop("info", None) or {})
     unknown = sorted(set(data) - FIELDS)

@@ -193,14 +193,21 @@ def edited_config(run_dir: Path, saved: dict[str, Any]) -> list[str]:
     if not isinstance(written, dict):
         return []
     written.pop("runtime", None)  # how the run ran (training/fast.py), not an option
+    written.pop("task", None)  # what the data were (training/tasks.py), not an option
     return [f"{key}: {written.get(key)!r}" for key in sorted(set(written) | set(saved))
             if key != "info" and written.get(key) != saved.get(key)]
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    """One row per epoch. A multiclass run has COLUMNS (and val_error); a binary or multilabel run's measures
+    (val_auroc, val_acc, ..., training/tasks.py) follow in the order its rows give them, and the error columns
+    it has no values for are left out."""
     columns = list(COLUMNS)
     if any("val_error" in row for row in history):
         columns.insert(4, "val_error")
+    extra = list(dict.fromkeys(k for row in history for k in row if k not in columns))
+    if extra:
+        columns = [c for c in columns if any(c in row for row in history)] + extra
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -214,6 +221,10 @@ def write_curves(run_dir: Path, history: list[dict[str, float]], title: str) -> 
     minutes of training plus evaluation (the running sum of metrics.csv's seconds). The train error is drawn
     against time too because a short run evaluates only every few epochs (--eval-every): two test points alone
     would say little about how the minutes were spent."""
+    if any("val_auroc" in row or "test_auroc" in row for row in history):  # binary, multilabel: AUROC too
+        from densenet.training.tasks import write_task_curves
+
+        return write_task_curves(run_dir, history, title)
     import itertools
 
     import matplotlib

@@ -28,7 +28,7 @@ from densenet.data.datasets import Data, load_data, subset
 from densenet.devices import resolve_device
 from densenet.errors import ConfigError, DenseNetError
 from densenet.models import create_model, set_block_impl
-from densenet.training import distributed, fast, run_folder
+from densenet.training import distributed, fast, run_folder, tasks
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
 from densenet.training.engine import Batches, NonFiniteLoss, Stats, epoch_seed, evaluate, train_one_epoch
 from densenet.training.options import TrainOptions, flag_name, read_recipe, resolve_options, resume_changes
@@ -43,14 +43,18 @@ def _resolve_device(options: TrainOptions) -> torch.device:
 
 
 def _build_model(options: TrainOptions, data: Data) -> torch.nn.Module:
-    model = create_model(options.model, num_classes=data.num_classes, in_chans=data.in_chans,
-                         drop_rate=options.drop_rate, memory_efficient=options.memory_efficient)
+    model = create_model(options.model, **tasks.model_shape(data), drop_rate=options.drop_rate,
+                         memory_efficient=options.memory_efficient)
     if options.init:
         from densenet.models.weights import load_into, read_state_dict
 
         state = read_state_dict(options.init)
         conv0 = state.get("features.conv0.weight")
-        if conv0 is not None and conv0.dim() >= 2 and conv0.shape[1] != data.in_chans:
+        if conv0 is not None and conv0.dim() == 4 and conv0.shape[1] == 3 and data.in_chans != 3:
+            from densenet.models.pretrained import adapt_input_conv  # RGB filters for gray images, as timm does
+
+            state = {**state, "features.conv0.weight": adapt_input_conv(data.in_chans, conv0)}
+        elif conv0 is not None and conv0.dim() >= 2 and conv0.shape[1] != data.in_chans:
             raise ConfigError(f"--init {options.init} takes {conv0.shape[1]}-channel images, but {data.name} has "
                               f"{data.in_chans}-channel images")
         own = model.state_dict()
@@ -79,7 +83,7 @@ def eval_size(options: TrainOptions, per_rank: int) -> int:
 def _metadata(options: TrainOptions, data: Data, model: torch.nn.Module) -> dict[str, Any]:
     return {"model": options.model, "config": dict(model.config), "classes": list(data.classes),
             "mean": list(data.mean), "std": list(data.std), "input_size": int(data.input_size),
-            "dataset": data.name, "memory_efficient": False, "tta": options.tta}
+            "dataset": data.name, "memory_efficient": False, "tta": options.tta, "task": data.task.to_dict()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -109,6 +113,7 @@ def train(recipe: str | None = None, overrides: dict[str, Any] | None = None,
     if fork and not resume:
         raise ConfigError("--fork NEW_DIR continues a copy of a run: give the run with --resume RUN")
     with contextlib.ExitStack() as held:  # the run folder's lock, released however this ends
+        held.enter_context(fast.inductor_cache())  # inductor's cache folder for this run, the caller's after it
         return _train_locked(held, recipe, overrides, resume, fork)
 
 
@@ -271,6 +276,7 @@ def _restarted_run(recipe: str | None, overrides: dict[str, Any] | None) -> Path
         return None
     if isinstance(saved, dict):
         saved.pop("runtime", None)  # what the path was (training/fast.py), not an option
+        saved.pop("task", None)  # what the data are (training/tasks.py), not an option
     return Path(out) if saved == resolve_options(recipe, overrides).to_dict() else None
 
 
@@ -278,7 +284,7 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
            run_dir: Path | None, held: contextlib.ExitStack, forked: bool = False) -> dict[str, Any]:
     per_rank = distributed.per_rank_batch(options.batch_size, info)
     data = load_data(options.dataset, options.data_dir, augment=options.augment, download=bool(options.download),
-                     input_size=options.input_size, seed=options.seed)
+                     input_size=options.input_size, seed=options.seed, split_file=tasks.split_file(run_dir))
     if data.num_classes < 2:
         raise ConfigError(f"{data.name} has {data.num_classes} class{'es' if data.num_classes != 1 else ''} "
                           f"({', '.join(data.classes) or 'none'}): a classifier needs at least two (a folder data set "
@@ -307,7 +313,7 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     if runtime.timed:  # a long CPU run: which path is fastest here is measured (training/fast.py)
         shape = (tuple(data.train.images.shape[1:]) if data.in_memory
                  else (data.in_chans, options.input_size or 224, options.input_size or 224))
-        runtime = fast.time_paths(model, runtime, shape, data.num_classes, per_rank,
+        runtime = fast.time_paths(model, runtime, shape, data.task.num_outputs, per_rank,
                                   say=_say if info.is_main else lambda _: None)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -315,8 +321,8 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     optimizer = build_optimizer(model, options)
     scheduler = build_scheduler(optimizer, options, steps_per_epoch=len(train_batches))
     scaler = torch.amp.GradScaler("cuda") if options.amp == "fp16" else None
-    start_epoch, history, best = 0, [], {"metric": "val_error" if data.val is not None else "test_error",
-                                         "value": math.inf, "epoch": 0}
+    loss_fn = tasks.build_loss(data, device, options.label_smoothing, getattr(options, "pos_weight", "none"))
+    start_epoch, history, best = 0, [], tasks.initial_best(data.task, has_val=data.val is not None)
     if checkpoint is not None:
         from densenet.models.weights import load_into
 
@@ -360,7 +366,9 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
             held.enter_context(run_folder.RunLock(run_dir, "--out"))
             if new:
                 run_folder.check_out(run_dir, locked=True)
-        run_folder.write_config(run_dir, options.to_dict() | {"runtime": runtime.to_dict()})
+        run_folder.write_config(run_dir, options.to_dict() | {"runtime": runtime.to_dict(),
+                                                              "task": data.task.to_dict()})
+        tasks.write_split(run_dir, data)
         board = run_folder.TensorBoard(run_dir)
         _say(f"training {options.model} on {options.dataset} ({len(data.train)} images, {data.num_classes} "
              f"classes) for {options.epochs} epochs on {device}"
@@ -377,22 +385,23 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
             stats = train_one_epoch(net, train_batches, optimizer, epoch, device, info, runtime.amp, scaler,
                                     options.quiet, options.epochs, forward=train_forward,
                                     scheduler=scheduler if per_step(options) else None,
-                                    label_smoothing=options.label_smoothing)
+                                    label_smoothing=options.label_smoothing, loss_fn=loss_fn, task=data.task)
             if not per_step(options):
                 scheduler.step()
             # The bare model: ranks may see different numbers of test batches, and DDP's forward would sync.
             evaluated = (epoch + 1) % options.eval_every == 0 or epoch + 1 == options.epochs
-            results = {name: evaluate(model, b, device, info, runtime.amp, forward=eval_forward, tta=options.tta)
-                       for name, b in eval_batches.items()} if evaluated else {}
+            results = {name: evaluate(model, eval_batches[name], device, info, runtime.amp, forward=eval_forward,
+                                      tta=options.tta, task=data.task)
+                       for name in tasks.evaluated_splits(data.task, list(eval_batches))} if evaluated else {}
             if not all(math.isfinite(r.loss) for r in results.values()):  # finite training loss, diverged weights
                 raise NonFiniteLoss(f"the {'/'.join(results)} loss became non-finite after epoch {epoch + 1}: the "
                                     f"weights diverged; stopped without saving them, the last good checkpoint "
                                     f"stays (try a lower --lr, or --amp none)")
-            row = _row(epoch, lr, stats, results)
+            row = _row(epoch, lr, stats, results, data)
             history.append(row)
-            improved = row.get(best["metric"], math.inf) < best["value"]
+            improved = tasks.improved(best, row)
             if improved:
-                best = {"metric": best["metric"], "value": row[best["metric"]], "epoch": epoch + 1}
+                best = tasks.chosen(best, row)
             if info.is_main:
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
@@ -410,23 +419,27 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     finally:
         if board is not None:
             board.close()
+    if data.task.kind != "multiclass":  # selection on validation, test once (training/tasks.py)
+        def measure(name: str, threshold) -> Stats:
+            return evaluate(model, eval_batches[name], device, info, runtime.amp, forward=eval_forward,
+                            tta=options.tta, task=data.task, threshold=threshold)
+
+        return _finish_task(options, model, data, run_dir, history, best, metadata, info, measure)
     return _finish(options, model, data, run_dir, history, best, metadata, info)
 
 
-def _row(epoch: int, lr: float, stats: Stats, results: dict[str, Stats]) -> dict[str, float]:
+def _row(epoch: int, lr: float, stats: Stats, results: dict[str, Stats], data: Data) -> dict[str, float]:
     """One line of metrics.csv; an epoch without evaluation (--eval-every) has no test or validation columns."""
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_error": stats.error,
            "seconds": round(stats.seconds + sum(r.seconds for r in results.values()), 2)}
-    if "test" in results:
-        row |= {"test_error": results["test"].error, "test_top5_error": results["test"].top5_error}
-    if "val" in results:
-        row["val_error"] = results["val"].error
-    return row
+    return row | tasks.result_columns(data.task, results)
 
 
 def _summary(row: dict[str, float], epochs: int, stats: Stats) -> str:
     val = f"  val error {row['val_error']:.2f}%" if "val_error" in row else ""
     test = f"  test error {row['test_error']:.2f}%" if "test_error" in row else ""
+    if "val_auroc" in row or "test_auroc" in row:  # binary, multilabel: AUROC, ACC, ... (training/tasks.py)
+        val, test = tasks.epoch_summary(row), ""
     return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f}  "
             f"train error {row['train_error']:.2f}%{val}{test}  "
             f"{row['seconds']:.0f}s ({stats.n / max(stats.seconds, 1e-9):.0f} img/s)")
@@ -450,6 +463,23 @@ def _finish(options: TrainOptions, model: torch.nn.Module, data: Data, run_dir: 
         which = f" (epoch {reported['epoch']}, lowest validation error)" if data.val is not None else ""
         paper = f"; the paper reports {summary['paper_error']}%" if summary["paper_error"] is not None else ""
         _say(f"test error {reported['test_error']:.2f}%{which}{paper}; weights in {run_dir / 'model.safetensors'}")
+    return summary
+
+
+def _finish_task(options: TrainOptions, model: torch.nn.Module, data: Data, run_dir: Path, history: list[dict],
+                 best: dict, metadata: dict, info: distributed.Dist, measure) -> dict[str, Any]:
+    """A binary or multilabel run's end: the best validation epoch's weights (every rank loads them: all evaluate),
+    the test split evaluated once on them, thresholds chosen on validation into the metadata (training/tasks.py)."""
+    from densenet.models.weights import save_weights
+
+    if best.get("metric") and best["epoch"] and best["epoch"] != history[-1]["epoch"]:
+        model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
+    summary, extra = tasks.finish(data, run_dir, history, best, model, measure, info.is_main, _say)
+    summary["paper_error"] = options.info.get("paper_error")
+    if info.is_main:
+        save_weights(model, run_dir / "model.safetensors", metadata | extra)
+        run_folder.write_curves(run_dir, history, f"{options.model} on {options.dataset}")
+        _say(f"weights in {run_dir / 'model.safetensors'}; measures in {run_dir / tasks.RESULTS}")
     return summary
 
 
