@@ -224,8 +224,9 @@ def write_task_curves(run_dir: Path, history: list[dict[str, float]], title: str
     if valued:
         epoch, value = max(valued, key=lambda p: p[1])
         ax_auc.plot([epoch], [value], "o", color="C1")
+        left = epoch <= (epochs[0] + epochs[-1]) / 2  # write the label towards the middle, inside the axes
         ax_auc.annotate(f"selected: epoch {epoch}, {value:.4f}", (epoch, value), textcoords="offset points",
-                        xytext=(-10, -16), ha="right")
+                        xytext=(8 if left else -8, -14), ha="left" if left else "right")
     ax.set_xlabel("epoch")
     ax.set_ylabel("error at 0.5 (%)")
     ax.set_title(title)

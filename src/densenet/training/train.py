@@ -371,7 +371,7 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         tasks.write_split(run_dir, data)
         board = run_folder.TensorBoard(run_dir)
         _say(f"training {options.model} on {options.dataset} ({len(data.train)} images, {data.num_classes} "
-             f"classes) for {options.epochs} epochs on {device}"
+             f"{'labels' if data.task.kind == 'multilabel' else 'classes'}) for {options.epochs} epochs on {device}"
              + (f" x {info.world_size} processes" if info.enabled else "") + f" -> {run_dir}")
         _say(f"path: {'compiled' if runtime.compile else 'eager'}, "
              f"{'channels_last' if runtime.channels_last else 'NCHW'}, {runtime.threads} threads, "
