@@ -12,6 +12,8 @@ FAULT is one of
 - ``after-rename``: on the N-th checkpoint rename, SIGKILL right after ``os.replace``;
 - ``pause``: sleep N tenths of a second before every training step (not a kill: a run kept going long enough
   for a second process to meet it);
+- ``slow-config``: sleep N tenths of a second just before config.yaml is renamed into place (the first file a
+  run writes): two runs started together both find the folder empty before either writes it;
 - ``none``: no fault.
 
 The faults wrap ``torch.save``, ``os.replace`` and ``F.cross_entropy`` (called once per training step);
@@ -31,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-FAULTS = ("none", "step", "torn", "before-rename", "after-rename", "pause")
+FAULTS = ("none", "step", "torn", "before-rename", "after-rename", "pause", "slow-config")
 
 
 def _die() -> None:
@@ -58,7 +60,16 @@ def install(fault: str, nth: int) -> None:
         count[0] += 1
         return count[0] == nth
 
-    if fault == "pause":
+    if fault == "slow-config":
+        real_rename = os.replace
+
+        def slow_replace(src, dst, *args, **kwargs):
+            if os.path.basename(str(dst)) == "config.yaml":
+                time.sleep(nth / 10)
+            return real_rename(src, dst, *args, **kwargs)
+
+        os.replace = slow_replace
+    elif fault == "pause":
         real_step_loss = F.cross_entropy
 
         def slow_cross_entropy(*args, **kwargs):

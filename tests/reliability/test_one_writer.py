@@ -1,9 +1,10 @@
 """A run folder has one writer: real ``densenet train`` processes started together on one folder, for a new run and
 for a resume, and a run killed with SIGKILL, whose lock the kernel drops so that its own resume goes on.
 
-Each process is a fresh interpreter (``python -m tests.reliability.faults pause N train ...``: the CLI with every
-training step slowed by N tenths of a second, so that the first process is still training when the second meets
-the folder). Digits, a tiny model, 64 training images, one epoch.
+Each process is a fresh interpreter (``python -m tests.reliability.faults FAULT N train ...``: the CLI with every
+training step slowed by N tenths of a second (``pause``), so that the first process is still training when the
+second meets the folder, or with its config.yaml held back N tenths of a second (``slow-config``), so that two runs
+started together both find the folder empty). Digits, a tiny model, 64 training images, one epoch.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ TINY = ["--model", "densenet_bc10_k4", "--train-subset", "64", "--batch-size", "
 PAUSE = "5"  # tenths of a second before each of the 4 steps of an epoch: 2 s of training at least
 
 
-def _start(*argv, pause: str = PAUSE) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tests.reliability.faults", "pause", pause, *map(str, argv)]
+def _start(*argv, pause: str = PAUSE, fault: str = "pause") -> subprocess.Popen:
+    command = [sys.executable, "-m", "tests.reliability.faults", fault, pause, *map(str, argv)]
     return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -43,8 +44,10 @@ def _error_lines(err: str) -> list[str]:
 @pytest.mark.slow
 def test_two_trainings_started_together_in_one_folder_one_trains_the_other_is_refused(tmp_path):
     run = tmp_path / "x"
-    first = _start("train", *TINY, "--epochs", 1, "--lr", 0.1, "--out", run)
-    second = _start("train", *TINY, "--epochs", 1, "--lr", 0.05, "--out", run)
+    # Each waits 5 s before its config.yaml lands: both find the folder empty, as two runs started at one moment do
+    # (a check before writing, as the .owner file was, lets both through).
+    first = _start("train", *TINY, "--epochs", 1, "--lr", 0.1, "--out", run, fault="slow-config", pause="50")
+    second = _start("train", *TINY, "--epochs", 1, "--lr", 0.05, "--out", run, fault="slow-config", pause="50")
     results = {first.pid: (*_finish(first), 0.1), second.pid: (*_finish(second), 0.05)}
     assert sorted(code for code, *_ in results.values()) == [0, 2], results
     winner, (_, _, _, lr) = next((pid, r) for pid, r in results.items() if r[0] == 0)
