@@ -69,7 +69,7 @@ def test_schedule_is_the_papers():
 
 # Every flag densenet train had before its flags were generated from TrainOptions' fields (a new option adds one).
 TRAIN_FLAGS = ("--config --model --dataset --data-dir --download --epochs --batch-size --lr --schedule --warmup "
-               "--milestones --weight-decay --weight-decay-on --label-smoothing --tta --drop-rate --augment "
+               "--milestones --weight-decay --weight-decay-on --label-smoothing --pos-weight --tta --drop-rate --augment "
                "--input-size --train-subset --seed --device --workers --threads --amp --compile --channels-last "
                "--no-channels-last --eager --memory-efficient --init --out --resume --quiet --crop-padding "
                "--eval-every --small-crop --small-crop-epochs --flip --fork").split()
