@@ -47,8 +47,10 @@ $(TORCH211)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 test-torch211: $(TORCH211)/.installed
-	$(TORCH211)/bin/python -m pytest -q --timeout=900 -m "not slow" -p no:cacheprovider
-	PYTHON=$(TORCH211)/bin/python bash scripts/gpu_bench.sh $(TORCH211)/gpu-bench-tiny --tiny
+	status=0; \
+	$(TORCH211)/bin/python -m pytest -q --timeout=900 -m "not slow" -p no:cacheprovider || status=1; \
+	PYTHON=$(TORCH211)/bin/python bash scripts/gpu_bench.sh $(TORCH211)/gpu-bench-tiny --tiny || status=1; \
+	exit $$status
 
 # Real CIFAR-10 from ../shared/data/cifar10 (see README): extract once.
 data/cifar10/train: ../shared/data/cifar10/cifar10-jpeg.tar.gz

@@ -17,7 +17,8 @@
 # import. Missing dependencies are listed at the top of OUTDIR/summary.md.
 #
 # Each step has its own time limit, so one slow step (a long compile) cannot eat the others' time; a step
-# that fails or times out is recorded in OUTDIR/summary.md and the script goes on.
+# that fails or times out is recorded in OUTDIR/summary.md and the script goes on; it exits 1 at the end if
+# any step failed.
 set -uo pipefail
 out="" tiny=""
 for arg in "$@"; do
@@ -97,8 +98,10 @@ step() {  # NAME LIMIT COMMAND...: run with a time limit, log to OUTDIR/NAME.log
   local start=$SECONDS
   timeout "$seconds" "$@" > "$out/$name.log" 2>&1
   local rc=$?
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
   echo "- $name: exit $rc after $((SECONDS - start)) s (limit $seconds s): \`$*\`" >> "$summary"
 }
+failed=0
 
 step "tests-gpu" 60 "$py" -m pytest -q -p no:cacheprovider "${tests[@]}"
 step "train-bc100-c10plus" "$train_limit" "$py" -m densenet train "${train[@]}" --out "$out/run-bc100" --quiet
@@ -113,3 +116,4 @@ done
   for name in "$out"/speed-*.log; do echo; echo "## $(basename "$name" .log)"; grep -v "^WARNING" "$name"; done
 } >> "$summary"
 cat "$summary"
+[ "$failed" -eq 0 ] || { echo "$failed step(s) failed: $summary" >&2; exit 1; }
