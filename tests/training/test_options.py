@@ -67,7 +67,7 @@ def test_schedule_is_the_papers():
     assert seen == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
 
 
-# Every flag densenet train had before its flags were generated from TrainOptions' fields (a new option adds one).
+# The flags densenet train had before they were generated from TrainOptions' fields (new options add more).
 TRAIN_FLAGS = ("--config --model --dataset --data-dir --download --epochs --batch-size --lr --schedule --warmup "
                "--milestones --weight-decay --weight-decay-on --label-smoothing --pos-weight --tta --drop-rate --augment "
                "--input-size --train-subset --seed --device --workers --threads --amp --compile --channels-last "
