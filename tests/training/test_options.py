@@ -72,7 +72,8 @@ TRAIN_FLAGS = ("--config --model --dataset --data-dir --download --epochs --batc
                "--milestones --weight-decay --weight-decay-on --label-smoothing --pos-weight --tta --drop-rate --augment "
                "--input-size --train-subset --seed --device --workers --threads --amp --compile --channels-last "
                "--no-channels-last --eager --memory-efficient --init --out --resume --quiet --crop-padding "
-               "--eval-every --small-crop --small-crop-epochs --flip --fork").split()
+               "--eval-every --small-crop --small-crop-epochs --flip "
+               "--fork").split()
 
 
 def _train_parser():
