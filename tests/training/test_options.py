@@ -70,10 +70,9 @@ def test_schedule_is_the_papers():
 # The flags densenet train had before they were generated from TrainOptions' fields (new options add more).
 TRAIN_FLAGS = ("--config --model --dataset --data-dir --download --epochs --batch-size --lr --schedule --warmup "
                "--milestones --weight-decay --weight-decay-on --label-smoothing --pos-weight --tta --drop-rate "
-               "--augment --input-size --train-subset --seed --device --workers --threads --amp --compile --channels-last "
-               "--no-channels-last --eager --memory-efficient --init --out --resume --quiet --crop-padding "
-               "--eval-every --small-crop --small-crop-epochs --flip "
-               "--fork").split()
+               "--augment --input-size --train-subset --seed --device --workers --threads --amp --compile "
+               "--channels-last --no-channels-last --eager --memory-efficient --init --out --resume --quiet "
+               "--crop-padding --eval-every --small-crop --small-crop-epochs --flip --fork").split()
 
 
 def _train_parser():
