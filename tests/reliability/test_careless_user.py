@@ -132,6 +132,7 @@ def test_a_data_dir_that_is_a_file_says_so(capsys, tmp_path):
 
 # -- 5. resume: what it keeps, what it ignores, what it refuses; fork; fallback --------------------------------------
 
+@pytest.mark.slow  # trains several epochs (seconds)
 def test_resume_keeps_its_options_ignores_an_edited_config_refuses_a_change_and_forks(capsys, tmp_path):
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", 1, "--out", run)
@@ -157,6 +158,7 @@ def test_resume_keeps_its_options_ignores_an_edited_config_refuses_a_change_and_
     assert all(group["lr"] == 0.5 for group in forked["optimizer"]["param_groups"])
 
 
+@pytest.mark.slow  # trains several epochs (seconds)
 def test_a_corrupt_last_checkpoint_falls_back_to_the_best_one_and_says_so(capsys, tmp_path):
     run = tmp_path / "run"
     assert run_cli(capsys, "train", *TINY, "--epochs", 2, "--out", run)[0] == 0
