@@ -87,6 +87,10 @@ def test_a_run_folder_gives_its_point(runs):
     assert r20.images_per_second == pytest.approx(1000 * 4 / 120)  # the count train.log gives
     partial = figure4.read_run(make_run(runs[0].parent / "partial", "densenet_bc40_k12", [None, 25.0], epochs=4))
     assert (partial.epochs_done, partial.finished, partial.test_error) == (2, False, 25.0)
+    assert "| densenet_bc40_k12 (partial) | DenseNet-BC |" in figure4.markdown([partial])
+    assert "| 2 of 4 (unfinished) |" in figure4.markdown([partial])
+    named = figure4.read_run(make_run(runs[0].parent / "resnet20_cifar", "resnet20_cifar", [30.0]))
+    assert "| resnet20_cifar | ResNet |" in figure4.markdown([named])  # the folder's name only where it differs
 
 
 @needs_pytorchcv

@@ -204,7 +204,8 @@ def markdown(runs: list[Figure4Run], command: str = "") -> str:
     for r in sorted(runs, key=lambda r: (r.family in RESNET_FAMILIES, r.params)):
         epochs = f"{r.epochs_done}" + ("" if r.finished else f" of {r.epochs_planned} (unfinished)")
         rate = "–" if r.images_per_second is None else f"{r.images_per_second:.0f}"
-        lines.append(f"| {r.model} ({r.run}) | {r.family} | {_millions(r.params)} | {r.macs / 1e6:.1f}M | {rate} "
+        where = "" if r.run == r.model else f" ({r.run})"  # the folder, where it is not named after the network
+        lines.append(f"| {r.model}{where} | {r.family} | {_millions(r.params)} | {r.macs / 1e6:.1f}M | {rate} "
                      f"| {r.minutes:.1f} | {epochs} | {r.test_error:.2f} |")
     lines += ["", "Test error: the last evaluated epoch's. MACs: one forward pass of one image (convolutions and "
               "linear layers). img/s: training images per wall-clock second over the whole run (evaluation and "
