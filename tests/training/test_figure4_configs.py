@@ -1,0 +1,50 @@
+"""configs/figure4/: one recipe for every network of the Figure 4 comparison, each file loading and building."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from densenet.models import create_model
+from densenet.training.options import resolve_options
+
+REPO = Path(__file__).parents[2]
+CONFIGS = sorted((REPO / "configs" / "figure4").glob("*.yaml"))
+PER_NETWORK = {"model", "out", "description"}  # all a file may change
+
+
+def test_the_issues_list_is_there():
+    names = {p.stem for p in CONFIGS}
+    assert {"densenet_bc40_k12", "densenet40_k12", "resnet20_cifar", "resnet32_cifar", "resnet56_cifar"} <= names
+    assert names & {"densenet_bc64_k12", "densenet_bc76_k12"} and names & {"densenet_bc40_k24", "densenet_bc100_k12"}
+    assert any(re.match(r"^densenet_[bc]\d+_k\d+$", n) for n in names)  # a DenseNet-B or -C
+
+
+def test_every_file_is_the_same_recipe_but_for_its_network():
+    recipes = {p.stem: yaml.safe_load(p.read_text()) for p in CONFIGS}
+    first = {k: v for k, v in next(iter(recipes.values())).items() if k not in PER_NETWORK}
+    for name, recipe in recipes.items():
+        assert {k: v for k, v in recipe.items() if k not in PER_NETWORK} == first, name
+        assert recipe["model"] == name and recipe["out"] == f"runs/figure4/{name}"  # the runner's folders
+
+
+def test_the_runner_knows_every_network():
+    script = (REPO / "scripts" / "figure4.sh").read_text()
+    order = re.search(r"ORDER=\(([^)]*)\)", script)[1].split()
+    assert sorted(order) == sorted(p.stem for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_each_config_loads_and_builds_its_network(path):
+    options = resolve_options(path)
+    assert (options.dataset, options.epochs, options.eval_every, options.tta) == ("cifar10", 10, 1, "none")
+    assert options.small_crop_epochs < options.epochs and options.drop_rate == 0.0
+    if options.model.startswith("resnet") and importlib.util.find_spec("pytorchcv") is None:
+        pytest.skip("pytorchcv is not installed (pip install densenet-paper[compare])")
+    with torch.device("meta"):
+        model = create_model(options.model, num_classes=10, in_chans=3, drop_rate=options.drop_rate,
+                             memory_efficient=options.memory_efficient)
+    assert sum(p.numel() for p in model.parameters()) > 100_000
