@@ -1,7 +1,9 @@
 """configs/figure4/: one recipe for every network of the Figure 4 comparison, each file loading and building."""
 
 import importlib.util
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,29 @@ def test_each_config_loads_and_builds_its_network(path):
         model = create_model(options.model, num_classes=10, in_chans=3, drop_rate=options.drop_rate,
                              memory_efficient=options.memory_efficient)
     assert sum(p.numel() for p in model.parameters()) > 100_000
+
+
+def test_the_runner_skips_finished_runs_resumes_checkpointed_ones_and_starts_the_rest(tmp_path):
+    """scripts/figure4.sh with a stand-in for densenet that records its arguments (no training)."""
+    stub = tmp_path / "densenet"
+    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n')
+    stub.chmod(0o755)
+    runs = tmp_path / "runs"
+    for name, file in (("densenet_bc40_k12", "model.safetensors"), ("resnet20_cifar", "checkpoint_last.pt")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / file).write_text("")
+        (runs / name / "metrics.csv").write_text("")
+    env = dict(os.environ, DENSENET=str(stub), CALLS=str(tmp_path / "calls"), RUNS=str(runs), DATA_DIR="DATA",
+               OUT=str(tmp_path / "figure"), LOCK=str(tmp_path / "lock"))
+    result = subprocess.run(["bash", str(REPO / "scripts" / "figure4.sh"), "densenet_bc40_k12", "resnet20_cifar",
+                             "resnet32_cifar"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "densenet_bc40_k12: finished" in result.stdout
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == [f"train --resume {runs}/resnet20_cifar",
+                     f"train --config configs/figure4/resnet32_cifar.yaml --data-dir DATA --out {runs}/resnet32_cifar",
+                     f"analyze figure4 {runs}/densenet_bc40_k12 {runs}/resnet20_cifar --out {tmp_path}/figure"]
+    assert (runs / "resnet32_cifar" / "train.log").is_file()
+    unknown = subprocess.run(["bash", str(REPO / "scripts" / "figure4.sh"), "resnet21_cifar"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "no configs/figure4/resnet21_cifar.yaml" in unknown.stderr
