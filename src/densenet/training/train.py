@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -280,9 +281,51 @@ def _restarted_run(recipe: str | None, overrides: dict[str, Any] | None) -> Path
     return Path(out) if saved == resolve_options(recipe, overrides).to_dict() else None
 
 
+@dataclass
+class _Run:
+    """Everything a run's epoch loop needs, as ``_setup`` prepared it: the data, the model and its training path,
+    the optimiser and schedule (restored when resuming), the batches, and the run folder."""
+
+    data: Data
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, wrapped in DDP under torchrun
+    runtime: fast.Runtime
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    loss_fn: torch.nn.Module
+    train_batches: Batches
+    eval_batches: dict[str, Batches]
+    train_forward: Any
+    eval_forward: Any
+    start_epoch: int
+    history: list[dict]
+    best: dict
+    run_dir: Path
+    metadata: dict[str, Any]
+    board: Any
+
+
 def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, checkpoint: dict | None,
            run_dir: Path | None, held: contextlib.ExitStack, forked: bool = False) -> dict[str, Any]:
-    per_rank = distributed.per_rank_batch(options.batch_size, info)
+    run = _setup(options, device, info, checkpoint, run_dir, held, forked)
+    try:
+        _epochs(run, options, device, info)
+    finally:
+        if run.board is not None:
+            run.board.close()
+    if run.data.task.kind != "multiclass":  # selection on validation, test once (training/tasks.py)
+        def measure(name: str, threshold) -> Stats:
+            return evaluate(run.model, run.eval_batches[name], device, info, run.runtime.amp,
+                            forward=run.eval_forward, tta=options.tta, task=run.data.task, threshold=threshold)
+
+        return _finish_task(options, run.model, run.data, run.run_dir, run.history, run.best, run.metadata, info,
+                            measure)
+    return _finish(options, run.model, run.data, run.run_dir, run.history, run.best, run.metadata, info)
+
+
+def _load_checked(options: TrainOptions, run_dir: Path | None) -> Data:
+    """The data set, checked against what the options ask of it (classes, subset, small crops, flips)."""
     data = load_data(options.dataset, options.data_dir, augment=options.augment, download=bool(options.download),
                      input_size=options.input_size, seed=options.seed, split_file=tasks.split_file(run_dir))
     if data.num_classes < 2:
@@ -304,6 +347,15 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     if options.flip == "alternate" and not augmented_in_memory:
         raise ConfigError(f"--flip alternate: needs an in-memory data set (digits, cifar, svhn) with standard "
                           f"augmentation, not {data.name} with --augment {options.augment}")
+    return data
+
+
+def _setup(options: TrainOptions, device: torch.device, info: distributed.Dist, checkpoint: dict | None,
+           run_dir: Path | None, held: contextlib.ExitStack, forked: bool) -> _Run:
+    """The data, model, training path, optimiser, batches and run folder of a run (or of a resumed one); the run
+    folder is created, locked and given its config.yaml only after all of these were checked."""
+    per_rank = distributed.per_rank_batch(options.batch_size, info)
+    data = _load_checked(options, run_dir)
     torch.manual_seed(options.seed)
     model = _build_model(options, data).to(device)
     train_batches = Batches(data, data.train, per_rank, info, device, train=True,
@@ -353,11 +405,20 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
         say = _say if info.is_main else lambda _: None
         train_forward = fast.StaticBatchModule(net, {per_rank}, say=say)
         eval_forward = fast.StaticBatchModule(model, {eval_batch}, say=say)
+    metadata = _metadata(options, data, model)
+    run_dir, board = _open_run_dir(options, data, runtime, run_dir, held, info, device)
+    return _Run(data, model, net, runtime, optimizer, scheduler, scaler, loss_fn, train_batches, eval_batches,
+                train_forward, eval_forward, start_epoch, history, best, run_dir, metadata, board)
+
+
+def _open_run_dir(options: TrainOptions, data: Data, runtime: fast.Runtime, run_dir: Path | None,
+                  held: contextlib.ExitStack, info: distributed.Dist, device: torch.device) -> tuple[Path, Any]:
+    """The run folder (a new one when ``run_dir`` is None), created, locked, and given its config.yaml and split
+    by rank 0 only after every option and the data were checked; its TensorBoard writer (rank 0, else None)."""
     new = run_dir is None
     if new:  # only rank 0 writes (or checks) the folder; a rank checking after rank 0 wrote would fail
         run_dir = (run_folder.new_run_dir(options.out, options.dataset, options.model) if info.is_main
                    else Path(options.out or "runs"))
-    metadata = _metadata(options, data, model)
     board = None
     if info.is_main:  # created only now, after every option and the data were checked
         run_folder.make_run_dir(run_dir)
@@ -377,55 +438,50 @@ def _train(options: TrainOptions, device: torch.device, info: distributed.Dist, 
              f"{'channels_last' if runtime.channels_last else 'NCHW'}, {runtime.threads} threads, "
              f"precision {'fp32' if runtime.amp == 'none' else runtime.amp} ({runtime.reason}); "
              f"dense blocks: {runtime.block_impl}")
-    try:
-        for epoch in range(start_epoch, options.epochs):
-            _seed_epoch(options.seed, epoch, info.rank)
-            lr = optimizer.param_groups[0]["lr"]
-            train_batches.crop_size = options.small_crop if epoch < options.small_crop_epochs else None
-            stats = train_one_epoch(net, train_batches, optimizer, epoch, device, info, runtime.amp, scaler,
-                                    options.quiet, options.epochs, forward=train_forward,
-                                    scheduler=scheduler if per_step(options) else None,
-                                    label_smoothing=options.label_smoothing, loss_fn=loss_fn, task=data.task)
-            if not per_step(options):
-                scheduler.step()
-            # The bare model: ranks may see different numbers of test batches, and DDP's forward would sync.
-            evaluated = (epoch + 1) % options.eval_every == 0 or epoch + 1 == options.epochs
-            results = {name: evaluate(model, eval_batches[name], device, info, runtime.amp, forward=eval_forward,
-                                      tta=options.tta, task=data.task)
-                       for name in tasks.evaluated_splits(data.task, list(eval_batches))} if evaluated else {}
-            if not all(math.isfinite(r.loss) for r in results.values()):  # finite training loss, diverged weights
-                raise NonFiniteLoss(f"the {'/'.join(results)} loss became non-finite after epoch {epoch + 1}: the "
-                                    f"weights diverged; stopped without saving them, the last good checkpoint "
-                                    f"stays (try a lower --lr, or --amp none)")
-            row = _row(epoch, lr, stats, results, data)
-            history.append(row)
-            improved = tasks.improved(best, row)
-            if improved:
-                best = tasks.chosen(best, row)
-            if info.is_main:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                         "epoch": epoch + 1, "config": options.to_dict(), "rng": _rng_state(), "best": best,
-                         "history": history, "metadata": metadata, "model_config": dict(model.config)}
-                save_checkpoint(run_dir / LAST, state)
-                if improved:
-                    save_checkpoint(run_dir / BEST, state)
-                run_folder.write_metrics(run_dir, history)
-                board.log(row)
-                if stats.seconds > 20:
-                    run_folder.write_curves(run_dir, history, f"{options.model} on {options.dataset}")
-                _say(_summary(row, options.epochs, stats))
-            distributed.barrier(info)
-    finally:
-        if board is not None:
-            board.close()
-    if data.task.kind != "multiclass":  # selection on validation, test once (training/tasks.py)
-        def measure(name: str, threshold) -> Stats:
-            return evaluate(model, eval_batches[name], device, info, runtime.amp, forward=eval_forward,
-                            tta=options.tta, task=data.task, threshold=threshold)
+    return run_dir, board
 
-        return _finish_task(options, model, data, run_dir, history, best, metadata, info, measure)
-    return _finish(options, model, data, run_dir, history, best, metadata, info)
+
+def _epochs(run: _Run, options: TrainOptions, device: torch.device, info: distributed.Dist) -> None:
+    """The epoch loop: train, evaluate when due, checkpoint (rank 0), from ``run.start_epoch`` to the last."""
+    data, model, optimizer, scheduler, history = run.data, run.model, run.optimizer, run.scheduler, run.history
+    for epoch in range(run.start_epoch, options.epochs):
+        _seed_epoch(options.seed, epoch, info.rank)
+        lr = optimizer.param_groups[0]["lr"]
+        run.train_batches.crop_size = options.small_crop if epoch < options.small_crop_epochs else None
+        stats = train_one_epoch(run.net, run.train_batches, optimizer, epoch, device, info, run.runtime.amp,
+                                run.scaler, options.quiet, options.epochs, forward=run.train_forward,
+                                scheduler=scheduler if per_step(options) else None,
+                                label_smoothing=options.label_smoothing, loss_fn=run.loss_fn, task=data.task)
+        if not per_step(options):
+            scheduler.step()
+        # The bare model: ranks may see different numbers of test batches, and DDP's forward would sync.
+        evaluated = (epoch + 1) % options.eval_every == 0 or epoch + 1 == options.epochs
+        results = {name: evaluate(model, run.eval_batches[name], device, info, run.runtime.amp,
+                                  forward=run.eval_forward, tta=options.tta, task=data.task)
+                   for name in tasks.evaluated_splits(data.task, list(run.eval_batches))} if evaluated else {}
+        if not all(math.isfinite(r.loss) for r in results.values()):  # finite training loss, diverged weights
+            raise NonFiniteLoss(f"the {'/'.join(results)} loss became non-finite after epoch {epoch + 1}: the "
+                                f"weights diverged; stopped without saving them, the last good checkpoint "
+                                f"stays (try a lower --lr, or --amp none)")
+        row = _row(epoch, lr, stats, results, data)
+        history.append(row)
+        improved = tasks.improved(run.best, row)
+        if improved:
+            run.best = tasks.chosen(run.best, row)
+        if info.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
+                     "epoch": epoch + 1, "config": options.to_dict(), "rng": _rng_state(), "best": run.best,
+                     "history": history, "metadata": run.metadata, "model_config": dict(model.config)}
+            save_checkpoint(run.run_dir / LAST, state)
+            if improved:
+                save_checkpoint(run.run_dir / BEST, state)
+            run_folder.write_metrics(run.run_dir, history)
+            run.board.log(row)
+            if stats.seconds > 20:
+                run_folder.write_curves(run.run_dir, history, f"{options.model} on {options.dataset}")
+            _say(_summary(row, options.epochs, stats))
+        distributed.barrier(info)
 
 
 def _row(epoch: int, lr: float, stats: Stats, results: dict[str, Stats], data: Data) -> dict[str, float]:
