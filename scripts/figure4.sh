@@ -2,7 +2,7 @@
 # The paper's Figure 4 at a fixed CPU budget (docs/figure4.md): every network of configs/figure4/ trained under
 # one recipe, one network at a time, then the figure drawn from the run folders.
 #
-#   scripts/figure4.sh                          # every network, in ORDER below, then the figure (about 6 hours)
+#   scripts/figure4.sh                          # every network, in ORDER below, then the figure (hours: docs/figure4.md)
 #   scripts/figure4.sh resnet56_cifar           # one network (a configs/figure4/NAME.yaml), then the figure
 #   DATA_DIR=../shared/data/cifar10 RUNS=runs/figure4 OUT=docs/figure4 scripts/figure4.sh
 #   scripts/figure4.sh --estimate               # each network's few-step img/s, for docs/figure4.md's estimate
@@ -21,7 +21,7 @@ RUNS=${RUNS:-runs/figure4}
 OUT=${OUT:-docs/figure4}
 LOCK=${LOCK:-/tmp/densenet-cpu.lock}
 # The order of a full series: the smallest network of each family first, so that a series cut short still
-# compares the two families; ResNet-110 last (the most minutes, and the optional point).
+# compares the two families; ResNet-110 last (the optional point).
 ORDER=(densenet_bc40_k12 resnet20_cifar resnet32_cifar densenet_b40_k12 densenet_bc64_k12 resnet56_cifar
        densenet40_k12 densenet_bc40_k24 resnet110_cifar)
 
