@@ -128,6 +128,10 @@ def test_a_data_dir_that_is_a_file_says_so(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--dataset", "cifar10", "--data-dir", archive, *TINY, "--epochs", 1,
                            "--out", tmp_path / "run")
     assert_user_error(code, err, "train", f"--data-dir {archive} is a file, not a folder")
+    # evaluate reads the data set without TrainOptions: load_data says the same
+    run_cli(capsys, "train", *TINY, "--epochs", 1, "--out", tmp_path / "digits")
+    code, _, err = run_cli(capsys, "evaluate", tmp_path / "digits", "--dataset", "cifar10", "--data-dir", archive)
+    assert_user_error(code, err, "evaluate", f"--data-dir {archive} is a file, not a folder")
 
 
 # -- 5. resume: what it keeps, what it ignores, what it refuses; fork; fallback --------------------------------------

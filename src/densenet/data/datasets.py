@@ -70,6 +70,9 @@ def load_data(name: str, data_dir: str | Path | None = None, *, augment: Augment
                              split_file=split_file, names=names)
     if name == "digits":
         return _digits(train)
+    if root.is_file():  # every set below is read from a folder
+        raise DenseNetError(f"--data-dir {root} is a file, not a folder: {name} is read from a folder (see "
+                            f"`densenet train --help` and docs/training.md for its layout)")
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root, download, train)
     if name == "svhn":
