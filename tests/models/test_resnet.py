@@ -128,3 +128,9 @@ def test_a_resnet_trains_through_the_library_path(tmp_path):
     assert len(rows) == 1 and 0 <= float(rows[0]["test_error"]) < 90  # learnt something from the digits
     meta = read_metadata(run / "model.safetensors")
     assert meta["config"] == dict(arch="resnet", depth=8, bottleneck=False, in_chans=1, num_classes=10, stem="cifar")
+    assert config["runtime"]["block_impl"] is None  # no dense blocks to choose an implementation for
+    # every downstream command takes the run as it takes a DenseNet's
+    assert main(["evaluate", str(run), "--engine", "eager", "--device", "cpu"]) == 0
+    assert main(["report", str(run)]) == 0
+    assert main(["summary", "resnet8_cifar"]) == 0
+

@@ -86,7 +86,7 @@ class RunResult:
 
 def read_run(run_dir: str | Path) -> RunResult:
     """One run folder's row: its configuration, final (or best-validation) error and the model's size."""
-    from densenet.analysis.complexity import count_macs, count_parameters
+    from densenet.analysis.complexity import count_parameters
     from densenet.models.weights import load_weights
 
     run_dir = Path(run_dir)
@@ -119,8 +119,26 @@ def read_run(run_dir: str | Path) -> RunResult:
     done = len(every)
     return RunResult(run_dir.name, name, dataset, augment, done, int(config.get("epochs") or done),
                      int(subset) if subset else None,
-                     count_parameters(model), count_macs(model, input_size), error, rule,
+                     count_parameters(model), _forward_macs(model, input_size), error, rule,
                      None if paper is None else float(paper), task, measures)
+
+
+def _forward_macs(model, input_size: int | None) -> int:
+    """Multiply-accumulates of one image's forward pass: the paper's count for a DenseNet (analysis/complexity.py),
+    torch's operator count for another network (a comparison ResNet of the paper's Figure 4)."""
+    from densenet.analysis.complexity import count_macs
+    from densenet.models.densenet import DenseNet
+
+    if isinstance(model, DenseNet):
+        return count_macs(model, input_size)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = input_size or 32
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(1, int(model.config.get("in_chans", 3)), size, size))
+    return counter.get_total_flops() // 2
 
 
 def _multiclass_error(run_dir: Path, every: list[dict[str, str]]) -> tuple[float, str]:

@@ -75,7 +75,7 @@ class Runtime:
     device: str
     amp: str
     reason: str
-    block_impl: str = "plain"  # how the dense blocks compute (block_impl_for); the model is set to it
+    block_impl: str | None = "plain"  # how the dense blocks compute (block_impl_for); None: a model without any
     timed: bool = False  # compile and channels_last are to be chosen by time_paths (set by plan)
     rates: dict[str, float] | None = None  # images/s of each path time_paths tried
 

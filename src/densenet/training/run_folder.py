@@ -144,6 +144,7 @@ def finish_from_checkpoint(run_dir: Path, checkpoint: dict[str, Any], title: str
     """Write model.safetensors (and curves.png) of a run whose last epoch was checkpointed but whose final
     weights were never written (a process or torchrun worker killed in between). As ``train``'s end: the
     last epoch's weights, or on a data set with a validation split those of the lowest validation error."""
+    from densenet.models import resnet
     from densenet.models.densenet import DenseNet
     from densenet.models.weights import load_into, save_weights
     from densenet.training.checkpoint import load_checkpoint
@@ -154,7 +155,8 @@ def finish_from_checkpoint(run_dir: Path, checkpoint: dict[str, Any], title: str
         reported, source = history[best["epoch"] - 1], run_dir / BEST
         state = load_checkpoint(source)["model"]
     if os.environ.get("RANK", "0") == "0":
-        model = DenseNet(**checkpoint["model_config"])
+        config = checkpoint["model_config"]  # a DenseNet's, or a comparison ResNet's (models/resnet.py)
+        model = resnet.build_resnet(config) if resnet.is_resnet_config(config) else DenseNet(**config)
         load_into(model, state, source=str(source))
         save_weights(model, run_dir / WEIGHTS, dict(checkpoint["metadata"]))
         write_metrics(run_dir, history)  # its last row may be missing too: it is written after the checkpoint

@@ -12,6 +12,7 @@ are TrainOptions' fields (training/options.py), plus --config, --eager and --res
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -29,6 +30,7 @@ from densenet.data.datasets import Data, load_data, subset
 from densenet.devices import resolve_device
 from densenet.errors import ConfigError, DenseNetError
 from densenet.models import create_model, set_block_impl
+from densenet.models.densenet import DenseBlock
 from densenet.training import distributed, fast, run_folder, tasks
 from densenet.training.checkpoint import BEST, LAST, latest_checkpoint, load_checkpoint, save_checkpoint
 from densenet.training.engine import Batches, NonFiniteLoss, Stats, epoch_seed, evaluate, train_one_epoch
@@ -369,7 +371,10 @@ def _setup(options: TrainOptions, device: torch.device, info: distributed.Dist, 
                                   say=_say if info.is_main else lambda _: None)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    set_block_impl(model, runtime.block_impl)  # the dense blocks' implementation for this path (fast.py)
+    if any(isinstance(m, DenseBlock) for m in model.modules()):
+        set_block_impl(model, runtime.block_impl)  # the dense blocks' implementation for this path (fast.py)
+    else:  # a comparison network (models/resnet.py): no dense blocks to choose for
+        runtime = dataclasses.replace(runtime, block_impl=None)
     optimizer = build_optimizer(model, options)
     scheduler = build_scheduler(optimizer, options, steps_per_epoch=len(train_batches))
     scaler = torch.amp.GradScaler("cuda") if options.amp == "fp16" else None
@@ -436,8 +441,8 @@ def _open_run_dir(options: TrainOptions, data: Data, runtime: fast.Runtime, run_
              + (f" x {info.world_size} processes" if info.enabled else "") + f" -> {run_dir}")
         _say(f"path: {'compiled' if runtime.compile else 'eager'}, "
              f"{'channels_last' if runtime.channels_last else 'NCHW'}, {runtime.threads} threads, "
-             f"precision {'fp32' if runtime.amp == 'none' else runtime.amp} ({runtime.reason}); "
-             f"dense blocks: {runtime.block_impl}")
+             f"precision {'fp32' if runtime.amp == 'none' else runtime.amp} ({runtime.reason})"
+             + (f"; dense blocks: {runtime.block_impl}" if runtime.block_impl else ""))
     return run_dir, board
 
 
