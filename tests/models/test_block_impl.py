@@ -1,6 +1,7 @@
 """The dense block's implementations (``block_impl``) against the standard one, "plain" (torch.cat, as
-torchvision): in float64 the same losses, input and parameter gradients, BN running statistics and state dicts;
-and the choice is a visible setting that no ambient state (grad mode, autocast, layout) overrides."""
+torchvision): in float64 the same losses, input and parameter gradients, BN running statistics and state dicts,
+for signals, images and volumes (spatial_dims 1, 2, 3); and the choice is a visible setting that no ambient
+state (grad mode, autocast, layout) overrides."""
 
 import copy
 
@@ -16,16 +17,21 @@ from densenet.models.compat import torchvision_reference
 from densenet.models.densenet import BLOCK_IMPLS, DenseNet
 
 OTHERS = [impl for impl in BLOCK_IMPLS if impl != "plain"]
+SIDE = {1: 16, 2: 8, 3: 6}  # tiny inputs of each dimensionality, all through one transition
 
 
-def _pair(impl, bottleneck=True, drop_rate=0.0, dtype=torch.float64, block_config=(3, 2)):
+def _input(n, spatial_dims=2, dtype=torch.float64):
+    return torch.randn(n, 3, *([SIDE[spatial_dims]] * spatial_dims), dtype=dtype)
+
+
+def _pair(impl, bottleneck=True, drop_rate=0.0, dtype=torch.float64, block_config=(3, 2), spatial_dims=2):
     """The plain model and a copy running ``impl``, with non-trivial BN parameters (a wrong scale or shift shows)."""
     torch.manual_seed(0)
     plain = DenseNet(growth_rate=4, block_config=block_config, bottleneck_width=4 if bottleneck else None,
-                     stem="cifar", num_classes=5, drop_rate=drop_rate).to(dtype)
+                     stem="cifar", num_classes=5, drop_rate=drop_rate, spatial_dims=spatial_dims).to(dtype)
     with torch.no_grad():
         for m in plain.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
     other = copy.deepcopy(plain).set_block_impl(impl)
     assert plain.block_impl == "plain" and other.block_impl == impl
@@ -49,11 +55,12 @@ def _assert_grads_equal(plain, other, **tol):
 @pytest.mark.parametrize("impl", OTHERS)
 @pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "basic"])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
-def test_sgd_steps_equal_plain_in_float64(impl, bottleneck, drop_rate):
-    plain, other = _pair(impl, bottleneck, drop_rate)
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3], ids=["1d", "2d", "3d"])
+def test_sgd_steps_equal_plain_in_float64(impl, bottleneck, drop_rate, spatial_dims):
+    plain, other = _pair(impl, bottleneck, drop_rate, spatial_dims=spatial_dims)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, other)]
     for step in range(3):
-        x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+        x, y = _input(4, spatial_dims), torch.randint(0, 5, (4,))
         loss_a, grad_a = _step(plain, x, y, seed=step)
         loss_b, grad_b = _step(other, x, y, seed=step)
         torch.testing.assert_close(loss_b, loss_a)
@@ -88,13 +95,14 @@ def test_float32_and_momentum_none(impl):
 
 
 @pytest.mark.parametrize("impl", OTHERS)
-def test_eval_mode_forward_and_input_gradient(impl):
-    plain, other = _pair(impl, drop_rate=0.2)
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3], ids=["1d", "2d", "3d"])
+def test_eval_mode_forward_and_input_gradient(impl, spatial_dims):
+    plain, other = _pair(impl, drop_rate=0.2, spatial_dims=spatial_dims)
     for m in (plain, other):
-        m.train()(torch.randn(4, 3, 8, 8, dtype=torch.float64))  # non-trivial running statistics
+        m.train()(_input(4, spatial_dims))  # non-trivial running statistics
         m.eval()
     other.load_state_dict(plain.state_dict())
-    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (2,))
+    x, y = _input(2, spatial_dims), torch.randint(0, 5, (2,))
     with torch.no_grad():
         torch.testing.assert_close(other(x), plain(x))
     loss_a, grad_a = _step(plain, x, y, 0)
@@ -107,15 +115,20 @@ def test_eval_mode_forward_and_input_gradient(impl):
 
 @pytest.mark.parametrize("impl", OTHERS)
 @pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "basic"])
-def test_channels_last(impl, bottleneck):
-    plain, other = _pair(impl, bottleneck, drop_rate=0.2)
+@pytest.mark.parametrize("spatial_dims", [2, 3], ids=["2d", "3d"])
+def test_channels_last(impl, bottleneck, spatial_dims):
+    # channels_last for images, channels_last_3d for volumes.
+    layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    plain, other = _pair(impl, bottleneck, drop_rate=0.2, spatial_dims=spatial_dims)
     for m in (plain, other):
-        m.to(memory_format=torch.channels_last)
-    x = torch.randn(4, 3, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
+        m.to(memory_format=layout)
+    x = _input(4, spatial_dims).to(memory_format=layout)
     y = torch.randint(0, 5, (4,))
     for m in (plain, other):  # the block's output keeps the layout (both models: the same statistics update)
         torch.manual_seed(0)
-        assert m.features(x).is_contiguous(memory_format=torch.channels_last)
+        out = m.features(x)
+        # torch's CPU 3D convolutions and pools return NCDHW whatever their input: only images keep the layout.
+        assert out.is_contiguous(memory_format=layout) or spatial_dims == 3
     for step in range(2):
         loss_a, grad_a = _step(plain, x, y, step)
         loss_b, grad_b = _step(other, x, y, step)
@@ -126,9 +139,10 @@ def test_channels_last(impl, bottleneck):
 
 
 @pytest.mark.parametrize("impl", OTHERS)
-def test_no_grad_and_frozen_parameters(impl):
-    plain, other = _pair(impl)
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3], ids=["1d", "2d", "3d"])
+def test_no_grad_and_frozen_parameters(impl, spatial_dims):
+    plain, other = _pair(impl, spatial_dims=spatial_dims)
+    x = _input(2, spatial_dims)
     with torch.no_grad():
         torch.testing.assert_close(other(x), plain(x))
     for m in (plain, other):
@@ -286,3 +300,24 @@ def test_compiled_model_runs_its_buffer_blocks_eagerly(impl, monkeypatch):
             m.zero_grad(set_to_none=True)
     # two blocks (of two layers), two steps, never traced
     assert calls == [False] * (8 if impl == "concat_free" else 4), calls
+
+
+@pytest.mark.parametrize("impl", OTHERS)
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "basic"])
+def test_block_given_channels_last_3d_volumes(impl, bottleneck):
+    # A dense block fed channels_last_3d maps (torch's 3D convolutions do not produce them on a CPU, a user's
+    # own stem may): the buffer and workspaces take that layout, and output and gradients are plain's.
+    torch.manual_seed(0)
+    block = densenet_module.DenseBlock(3, 6, 4, 4 if bottleneck else None, 0.0, spatial_dims=3).double()
+    other = copy.deepcopy(block)
+    other.block_impl = impl
+    x = torch.randn(3, 6, 4, 5, 3, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+    weight = torch.randn(3, 18, 4, 5, 3, dtype=torch.float64)
+    results = []
+    for m in (block, other):
+        xx = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        out = m(xx)
+        (out * weight).sum().backward()
+        results.append((out, xx.grad, [p.grad for p in m.parameters()]))
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(results[1], results[0])

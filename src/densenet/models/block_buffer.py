@@ -2,9 +2,12 @@
 
 The plain block (models/densenet.py) concatenates the l earlier maps afresh for every layer l, and that
 layer's first BN computes the batch mean and variance of every channel again. Both faster blocks instead
-write each map once into one tensor (N, C_in + L*k, H, W), from which layer l reads the view
+write each map once into one tensor (N, C_in + L*k, *spatial), from which layer l reads the view
 ``data[:, :C_in + l*k]``; and since a channel's batch statistics never change once it is written, they are
 computed once, when first asked for, and reused by every later layer.
+
+Maps are (N, C, *spatial) with one, two or three spatial dimensions (signals, images, volumes): every
+per-channel reduction and broadcast here takes its dimensions from the tensor, not from a 2D shape.
 """
 
 from __future__ import annotations
@@ -12,9 +15,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 aten = torch.ops.aten
+
+
+def channels_last_format(x: Tensor) -> torch.memory_format | None:
+    """torch.channels_last (4D) or torch.channels_last_3d (5D) when ``x`` is laid out so (and not also
+    contiguous, as a tensor with one channel or one pixel is); None otherwise (1D maps have no such layout)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt if fmt is not None and x.is_contiguous(memory_format=fmt) and not x.is_contiguous() else None
+
+
+def spatial_dims_of(t: Tensor) -> tuple[int, ...]:
+    """The dimensions BN reduces over besides the batch: (2,), (2, 3) or (2, 3, 4)."""
+    return tuple(range(2, t.dim()))
 
 
 class BlockBuffer:
@@ -22,10 +38,12 @@ class BlockBuffer:
 
     def __init__(self, x: Tensor, total_channels: int, dtype: torch.dtype | None = None) -> None:
         # channels_last input: the buffer too, so that its slices keep the layout the convolutions were given.
-        self.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        n, _, h, w = x.shape
-        self.data = torch.empty((n, total_channels, h, w), dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+        layout = channels_last_format(x)
+        self.channels_last = layout is not None
+        fmt = layout or torch.contiguous_format
+        n, _, *spatial = x.shape
+        self.data = torch.empty((n, total_channels, *spatial), dtype=dtype or x.dtype, device=x.device,
+                                memory_format=fmt)
         self.sizes: list[int] = []  # channels of each map written so far
         self._means: list[Tensor] = []
         self._variances: list[Tensor] = []
@@ -57,17 +75,18 @@ class BlockBuffer:
 
 
 def batch_mean_var(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel batch mean and biased variance of (N, C, H, W), in float32 at least (BN's accumulation type)."""
+    """Per-channel batch mean and biased variance of (N, C, *spatial), in float32 at least (BN's accumulation type)."""
     acc = torch.promote_types(t.dtype, torch.float32)
-    var, mean = torch.var_mean(t.to(acc), dim=(0, 2, 3), correction=0)
+    var, mean = torch.var_mean(t.to(acc), dim=(0, *spatial_dims_of(t)), correction=0)
     return mean, var
 
 
-def per_channel(t: Tensor) -> Tensor:
-    return t.view(1, -1, 1, 1)
+def per_channel(t: Tensor, dims: int = 2) -> Tensor:
+    """A (C,) vector as (1, C, 1, ...) with ``dims`` trailing ones, to broadcast over (N, C, *spatial)."""
+    return t.view(1, -1, *([1] * dims))
 
 
-def bn_affine(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def bn_affine(bn: _BatchNorm, weight, bias, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """BN's transform as ATen computes it on the CPU: y = x * alpha + beta, alpha = weight / sqrt(var + eps),
     beta = bias - mean * alpha; also returns invstd = 1 / sqrt(var + eps)."""
     invstd = (var + bn.eps).sqrt().reciprocal()
@@ -76,7 +95,7 @@ def bn_affine(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor) -> tu
     return alpha, beta, invstd
 
 
-def bn_factors(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, like: Tensor):
+def bn_factors(bn: _BatchNorm, weight, bias, mean: Tensor, var: Tensor, like: Tensor):
     """BN's per-channel transform for maps like ``like``: ReLU(BN(x)) = ReLU((x - center) * scale + shift).
 
     Under bf16 autocast the block's maps are bf16 and BN's statistics float32. An element-wise op that mixes
@@ -91,11 +110,13 @@ def bn_factors(bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, like
     Returns center (None or a per-channel view), scale and shift (per-channel views) and invstd.
     """
     alpha, beta, invstd = bn_affine(bn, weight, bias, mean, var)
+    dims = like.dim() - 2
     if like.dtype == alpha.dtype:
-        return None, per_channel(alpha), per_channel(beta), invstd
+        return None, per_channel(alpha, dims), per_channel(beta, dims), invstd
     center = mean.to(like.dtype)
     shift = beta + center.to(alpha.dtype) * alpha
-    return per_channel(center), per_channel(alpha.to(like.dtype)), per_channel(shift.to(like.dtype)), invstd
+    return (per_channel(center, dims), per_channel(alpha.to(like.dtype), dims), per_channel(shift.to(like.dtype), dims),
+            invstd)
 
 
 def normalize_relu_(x: Tensor, factors, out: Tensor) -> Tensor:
@@ -106,13 +127,13 @@ def normalize_relu_(x: Tensor, factors, out: Tensor) -> Tensor:
     return torch.addcmul(shift, torch.sub(x, center, out=out), scale, out=out).relu_()
 
 
-def normalize_relu(x: Tensor, bn: nn.BatchNorm2d, weight, bias, mean: Tensor, var: Tensor, out: Tensor) -> Tensor:
+def normalize_relu(x: Tensor, bn: _BatchNorm, weight, bias, mean: Tensor, var: Tensor, out: Tensor) -> Tensor:
     """ReLU(BN(x)) with the given statistics (batch or running), written into ``out``."""
     return normalize_relu_(x, bn_factors(bn, weight, bias, mean, var, x), out)
 
 
-def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """What a training-mode nn.BatchNorm2d forward does to its running statistics, given the batch's."""
+def update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
+    """What a training-mode batch norm (1D, 2D or 3D) forward does to its running statistics, given the batch's."""
     if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
         return
     bn.num_batches_tracked.add_(1)
@@ -125,7 +146,7 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
 def batch_norm_backward(grad: Tensor, x: Tensor, weight, mean: Tensor, var: Tensor, eps: float, batch: bool,
                         mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """torch's fused BN backward kernel for BN(x) given its statistics: batch statistics (``batch``, the
-    gradient also flows through the mean and variance, as in a training-mode nn.BatchNorm2d) or running
+    gradient also flows through the mean and variance, as in a training-mode batch norm) or running
     ones; ``mask`` asks for the gradients of (input, weight, bias). Both buffer blocks call it."""
     if batch:
         return aten.native_batch_norm_backward(grad, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps,

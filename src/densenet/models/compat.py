@@ -51,6 +51,9 @@ def torchvision_reference(model: nn.Module, memory_efficient: bool = False) -> n
     import torchvision
 
     cfg = model.config
+    if cfg.get("spatial_dims", 2) != 2:
+        raise ConfigError(f"torchvision's DenseNet is 2D only; this model has spatial_dims={cfg['spatial_dims']} "
+                          f"(compare 1D and 3D models with MONAI's DenseNet instead)")
     if not cfg["bottleneck_width"] or cfg["compression"] != 0.5 or cfg["drop_rate"]:
         raise ConfigError("torchvision's DenseNet has bottleneck layers and compression 0.5 only; "
                           "benchmark a DenseNet-BC such as densenet_bc100_k12 or an ImageNet model")

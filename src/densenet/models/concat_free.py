@@ -22,15 +22,20 @@ gradient in one workspace. Allocated and freed per layer, each larger than the l
 they left glibc's default allocator (heap below its dynamic mmap threshold, up to 32 MB) with freed chunks
 it could not reuse nor return: over two SGD steps the process's peak RSS stood 20% above its live tensors,
 now 9% (DenseNet-BC-250 k=24, batch 16; docs/memory.md).
+
+Maps are (N, C, *spatial) with one, two or three spatial dimensions (signals, images, volumes); (N, c, H, W)
+below stands for any of them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from densenet.models.block_buffer import BlockBuffer, batch_norm_backward, normalize_relu, update_running_stats
 
@@ -50,7 +55,7 @@ def concat_free_block_forward(block: nn.ModuleDict, x: Tensor) -> Tensor:
     # A replaced norm (folded, frozen...) runs the plain layer, whose gradients autograd adds up itself: the
     # block's shared storage only when every layer reads the buffer. Without autograd (evaluation) nothing is
     # kept for a backward pass, so each BN1-ReLU output is a temporary freed after its layer.
-    shared = torch.is_grad_enabled() and all(type(_first_bn(layer)) is nn.BatchNorm2d for layer in layers)
+    shared = torch.is_grad_enabled() and all(type(_first_bn(layer)) in _BATCH_NORMS for layer in layers)
     storage = _BlockStorage(buffer.data, [layer.in_channels for layer in layers]) if shared else None
     features = [x]
     for layer in layers:
@@ -58,6 +63,10 @@ def concat_free_block_forward(block: nn.ModuleDict, x: Tensor) -> Tensor:
     if storage is not None:  # its pieces keep it as long as autograd keeps them (or packs them, as checkpointing does)
         storage.outputs = None
     return _BlockOutput.apply(buffer, storage, *features)
+
+
+# The batch norms the buffer's BN-ReLU computes as they do (a subclass may not: folded, frozen...).
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _first_bn(layer: nn.Module) -> nn.Module:
@@ -68,7 +77,7 @@ def _layer_forward(layer: nn.Module, maps: Sequence[Tensor], buffer: BlockBuffer
                    storage: _BlockStorage | None) -> Tensor:
     """``layer(maps)``, with the concatenation and the first BN-ReLU read from the buffer."""
     first_bn = _first_bn(layer)
-    if type(first_bn) is not nn.BatchNorm2d:  # a replaced norm (folded, frozen...): the plain layer
+    if type(first_bn) not in _BATCH_NORMS:  # a replaced norm (folded, frozen...): the plain layer
         return layer(maps)
     y = _ConcatBatchNormReLU.apply(buffer, storage, first_bn, first_bn.weight, first_bn.bias, *maps)
     if layer.bottleneck:
@@ -92,9 +101,9 @@ class _BlockStorage:
     """
 
     def __init__(self, like: Tensor, widths: list[int]) -> None:
-        n, _, h, w = like.shape
+        n, _, *spatial = like.shape
         self.shape, self.dtype, self.device = like.shape, like.dtype, like.device  # the block output's
-        self.plane, self.widest = n * h * w, max(widths, default=0)
+        self.plane, self.widest = n * math.prod(spatial), max(widths, default=0)
         self.outputs: Tensor | None = torch.empty(self.plane * sum(widths), dtype=self.dtype, device=self.device)
         self.offset = 0
         self.grad: Tensor | None = None
@@ -102,18 +111,16 @@ class _BlockStorage:
 
     def next_output(self, x: Tensor) -> Tensor:
         """The next piece of ``outputs``, shaped like ``x`` (N, c, H, W) and contiguous."""
-        n, c, h, w = x.shape
-        size = n * c * h * w
-        out = _alias(self.outputs[self.offset:self.offset + size].view(n, c, h, w))
+        size = x.numel()
+        out = _alias(self.outputs[self.offset:self.offset + size].view(x.shape))
         self.offset += size
         return out
 
     def workspace(self, like: Tensor) -> Tensor:
         """A contiguous (N, c, H, W) view of the backward workspace, for ``like``'s shape and dtype."""
-        n, c, h, w = like.shape
         if self.work is None or self.work.dtype != like.dtype:
-            self.work = torch.empty(n * self.widest * h * w, dtype=like.dtype, device=like.device)
-        return self.work[: n * c * h * w].view(n, c, h, w)
+            self.work = torch.empty(self.plane * self.widest, dtype=like.dtype, device=like.device)
+        return self.work[: like.numel()].view(like.shape)
 
     def release(self) -> None:
         """The block's backward pass is done: drop the gradient buffer and the workspace."""
@@ -135,7 +142,7 @@ class _ConcatBatchNormReLU(torch.autograd.Function):
     """ReLU(BN(cat(maps))) read from the block buffer; gradients go back to each map as a slice."""
 
     @staticmethod
-    def forward(ctx, buffer: BlockBuffer, storage: _BlockStorage | None, bn: nn.BatchNorm2d, weight, bias, *maps):
+    def forward(ctx, buffer: BlockBuffer, storage: _BlockStorage | None, bn: _BatchNorm, weight, bias, *maps):
         batch_stats = bn.training or bn.running_mean is None
         buffer.append(maps)
         c = buffer.channels

@@ -27,13 +27,19 @@ Nothing in ``forward`` overrides the choice: not grad mode, autocast, layout or 
 the two buffer blocks eagerly between its compiled pieces). The buffer blocks run their own autograd code,
 which a tracer cannot record, so tracing or exporting one is an error naming the fix (``set_block_impl("plain")``)
 rather than a silent switch to another implementation.
+
+One definition serves signals, images and volumes: ``spatial_dims`` 1, 2 (the default, the paper's) or 3 picks
+the convolution, batch norm and pooling classes from one small table (``OPS``), as MONAI's DenseNet does; the
+layers, blocks, transitions and the three block implementations are the same code in every dimensionality.
+A 2D model is the paper's and torchvision's, state dict included; a 3D DenseNet-121 has MONAI's DenseNet121's
+parameters and logits for the same weights (tests/models/test_monai_parity.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Iterable, Sequence
-from typing import Literal
+from collections.abc import Callable, Container, Iterable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,32 @@ BlockImpl = Literal["plain", "concat_free", "efficient"]
 BLOCK_IMPLS: tuple[BlockImpl, ...] = ("plain", "concat_free", "efficient")
 
 
+class SpatialOps(NamedTuple):
+    """The modules and functions that differ between signals (1), images (2) and volumes (3)."""
+
+    conv: type[nn.Conv1d | nn.Conv2d | nn.Conv3d]
+    batch_norm: type[nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d]
+    avg_pool: type[nn.AvgPool1d | nn.AvgPool2d | nn.AvgPool3d]
+    max_pool: type[nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d]
+    global_pool: Callable[[Tensor, int], Tensor]
+
+
+# spatial_dims -> the per-dimensionality pieces: the one place where a 2D assumption could hide.
+OPS: dict[int, SpatialOps] = {
+    1: SpatialOps(nn.Conv1d, nn.BatchNorm1d, nn.AvgPool1d, nn.MaxPool1d, F.adaptive_avg_pool1d),
+    2: SpatialOps(nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, F.adaptive_avg_pool2d),
+    3: SpatialOps(nn.Conv3d, nn.BatchNorm3d, nn.AvgPool3d, nn.MaxPool3d, F.adaptive_avg_pool3d),
+}
+BATCH_NORMS = tuple(ops.batch_norm for ops in OPS.values())
+
+
+def spatial_ops(spatial_dims: int) -> SpatialOps:
+    """The table entry of ``spatial_dims``; a ConfigError naming the choices otherwise."""
+    if spatial_dims not in OPS:
+        raise ConfigError(f"spatial_dims must be 1 (signals), 2 (images) or 3 (volumes), got {spatial_dims!r}")
+    return OPS[spatial_dims]
+
+
 class DenseLayer(nn.Module):
     """H_l: BN-ReLU-Conv3x3 (basic) or BN-ReLU-Conv1x1(bottleneck_width*k)-BN-ReLU-Conv3x3 (DenseNet-B).
 
@@ -55,21 +87,23 @@ class DenseLayer(nn.Module):
     every DenseNet has the same name and torchvision's bottleneck layers keep theirs.
     """
 
-    def __init__(self, in_channels: int, growth_rate: int, bottleneck_width: int | None, drop_rate: float) -> None:
+    def __init__(self, in_channels: int, growth_rate: int, bottleneck_width: int | None, drop_rate: float,
+                 spatial_dims: int = 2) -> None:
         super().__init__()
+        ops = spatial_ops(spatial_dims)
         self.in_channels = in_channels
         self.drop_rate = float(drop_rate)
         self.bottleneck = bool(bottleneck_width)
         if self.bottleneck:
             inner = bottleneck_width * growth_rate
-            self.norm1 = nn.BatchNorm2d(in_channels)
+            self.norm1 = ops.batch_norm(in_channels)
             self.relu1 = nn.ReLU(inplace=True)
-            self.conv1 = nn.Conv2d(in_channels, inner, kernel_size=1, stride=1, bias=False)
+            self.conv1 = ops.conv(in_channels, inner, kernel_size=1, stride=1, bias=False)
         else:
             inner = in_channels
-        self.norm2 = nn.BatchNorm2d(inner)
+        self.norm2 = ops.batch_norm(inner)
         self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(inner, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv2 = ops.conv(inner, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
 
     def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
         """H_l([x_0, x_1, ..., x_{l-1}]): the earlier maps (a list, concatenated here) or their concatenation."""
@@ -100,6 +134,7 @@ class DenseBlock(nn.ModuleDict):
         bottleneck_width: int | None,
         drop_rate: float,
         block_impl: BlockImpl = "plain",
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -107,7 +142,7 @@ class DenseBlock(nn.ModuleDict):
         self.out_channels = in_channels + num_layers * growth_rate
         self.block_impl: BlockImpl = check_block_impl(block_impl)
         for i in range(num_layers):
-            layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck_width, drop_rate)
+            layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck_width, drop_rate, spatial_dims)
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -185,16 +220,17 @@ def tap_blocks(modules: Iterable[nn.Module], x: Tensor, taps: Container[int], nu
 class Transition(nn.Sequential):
     """BN-ReLU-Conv1x1-AvgPool2x2 between dense blocks; the 1x1 convolution applies the compression."""
 
-    def __init__(self, in_channels: int, out_channels: int, drop_rate: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float = 0.0, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.add_module("norm", nn.BatchNorm2d(in_channels))
+        ops = spatial_ops(spatial_dims)
+        self.add_module("norm", ops.batch_norm(in_channels))
         self.add_module("relu", nn.ReLU(inplace=True))
-        self.add_module("conv", nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, bias=False))
+        self.add_module("conv", ops.conv(in_channels, out_channels, kernel_size=1, stride=1, bias=False))
         if drop_rate > 0:
             # The paper drops out after every convolution but the first; Dropout has no state, so the
             # state dict stays the same with or without it.
             self.add_module("drop", nn.Dropout(drop_rate))
-        self.add_module("pool", nn.AvgPool2d(kernel_size=2, stride=2))
+        self.add_module("pool", ops.avg_pool(kernel_size=2, stride=2))
 
 
 class DenseNet(nn.Module):
@@ -215,6 +251,9 @@ class DenseNet(nn.Module):
             ``set_block_impl``; not part of ``config`` (weight files hold the same tensors whichever ran).
         memory_efficient: torchvision's spelling of block_impl="efficient" (shared storage, BN-ReLU(-Conv1x1)
             outputs recomputed in the backward pass: training memory linear in depth).
+        spatial_dims: 1 (signals, N x C x L), 2 (images, the default) or 3 (volumes, N x C x D x H x W): which
+            convolutions, batch norms and pools (``OPS``); kernels are k^spatial_dims, strides and pooling windows
+            the same in every dimension. Part of ``config`` (weight files rebuild a 3D model).
     """
 
     def __init__(
@@ -230,9 +269,11 @@ class DenseNet(nn.Module):
         drop_rate: float = 0.0,
         block_impl: BlockImpl | None = None,
         memory_efficient: bool = False,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         impl = resolve_block_impl(block_impl, memory_efficient)
+        ops = spatial_ops(spatial_dims)
         block_config = tuple(int(n) for n in block_config)
         if num_init_features is None:
             num_init_features = 2 * growth_rate if bottleneck_width else 16
@@ -243,33 +284,34 @@ class DenseNet(nn.Module):
         self.config = dict(growth_rate=growth_rate, block_config=list(block_config),
                            num_init_features=num_init_features, bottleneck_width=bottleneck_width or None,
                            compression=compression, stem=stem, in_chans=in_chans, num_classes=num_classes,
-                           drop_rate=drop_rate)
+                           drop_rate=drop_rate, spatial_dims=spatial_dims)
 
         features = nn.Sequential()
         if stem == "imagenet":
-            features.add_module("conv0", nn.Conv2d(in_chans, num_init_features, 7, stride=2, padding=3, bias=False))
-            features.add_module("norm0", nn.BatchNorm2d(num_init_features))
+            features.add_module("conv0", ops.conv(in_chans, num_init_features, 7, stride=2, padding=3, bias=False))
+            features.add_module("norm0", ops.batch_norm(num_init_features))
             features.add_module("relu0", nn.ReLU(inplace=True))
-            features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+            features.add_module("pool0", ops.max_pool(kernel_size=3, stride=2, padding=1))
             reduction = 4
         else:
-            features.add_module("conv0", nn.Conv2d(in_chans, num_init_features, 3, stride=1, padding=1, bias=False))
+            features.add_module("conv0", ops.conv(in_chans, num_init_features, 3, stride=1, padding=1, bias=False))
             reduction = 1
 
         self.feature_info: list[dict] = []
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, channels, growth_rate, bottleneck_width or None, drop_rate, impl)
+            block = DenseBlock(num_layers, channels, growth_rate, bottleneck_width or None, drop_rate, impl,
+                               spatial_dims)
             features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"features.denseblock{i + 1}"))
             if i != len(block_config) - 1:
                 out_channels = int(math.floor(compression * channels))
-                features.add_module(f"transition{i + 1}", Transition(channels, out_channels, drop_rate))
+                features.add_module(f"transition{i + 1}", Transition(channels, out_channels, drop_rate, spatial_dims))
                 channels = out_channels
                 reduction *= 2
         # torchvision calls the final BN norm5 whatever the number of blocks; keep its name.
-        features.add_module("norm5", nn.BatchNorm2d(channels))
+        features.add_module("norm5", ops.batch_norm(channels))
         self.feature_info[-1]["module"] = "features.norm5"
         self.features = features
         self.num_features = channels
@@ -281,9 +323,9 @@ class DenseNet(nn.Module):
         if next(self.parameters()).is_meta:
             return  # shape-only copies (parameter and MAC counts) have no values to initialise
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.modules.conv._ConvNd):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, BATCH_NORMS):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
@@ -297,6 +339,8 @@ class DenseNet(nn.Module):
     in_chans = property(lambda self: self.config["in_chans"])
     num_classes = property(lambda self: self.config["num_classes"])
     drop_rate = property(lambda self: self.config["drop_rate"])
+    # Configurations written before volumes were supported have no spatial_dims: they are 2D.
+    spatial_dims = property(lambda self: self.config.get("spatial_dims", 2))
 
     @property
     def block_impl(self) -> str:
@@ -329,7 +373,7 @@ class DenseNet(nn.Module):
         return F.relu(self.features(x), inplace=True)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        x = torch.flatten(OPS[self.spatial_dims].global_pool(x, 1), 1)
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: Tensor) -> Tensor:

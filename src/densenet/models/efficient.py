@@ -36,15 +36,21 @@ workspaces (BN, ReLU) and matrix products with ``out=`` (the 1x1 convolution). T
 standard mode's up to rounding (tests/models/test_efficient.py: float64, every gradient and BN buffer).
 Same modules, same parameters, same state dict as the standard mode: only DenseBlock.forward differs.
 Under torch.compile the blocks run eagerly, between the compiled stem, transitions and head.
+
+Maps are (N, C, *spatial) with one, two or three spatial dimensions: "pixels" below are the product of the
+spatial sizes (samples of a signal, pixels, voxels), and channels_last is torch.channels_last for images and
+torch.channels_last_3d for volumes. Nothing here depends on the number of spatial dimensions but the shapes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from densenet.errors import DenseNetError
 from densenet.models.block_buffer import (
@@ -55,6 +61,7 @@ from densenet.models.block_buffer import (
     normalize_relu,
     normalize_relu_,
     per_channel,
+    spatial_dims_of,
     update_running_stats,
 )
 
@@ -87,14 +94,14 @@ def _layer_params(layer: nn.Module) -> list[Tensor | None]:
     out: list[Tensor | None] = []
     for name in names:
         module = getattr(layer, name)
-        out.extend([module.weight, module.bias] if isinstance(module, nn.BatchNorm2d) else [module.weight])
+        out.extend([module.weight, module.bias] if isinstance(module, _BatchNorm) else [module.weight])
     return out
 
 
 def _check_layer(layer: nn.Module) -> None:
     convs = [layer.conv2] + ([layer.conv1] if layer.bottleneck else [])
-    pointwise = not layer.bottleneck or (layer.conv1.kernel_size == (1, 1) and layer.conv1.stride == (1, 1)
-                                         and layer.conv1.padding == (0, 0))
+    pointwise = not layer.bottleneck or (set(layer.conv1.kernel_size) == {1} and set(layer.conv1.stride) == {1}
+                                         and set(layer.conv1.padding) == {0})
     if not pointwise or any(conv.bias is not None or conv.groups != 1 for conv in convs):
         raise DenseNetError("block_impl 'efficient' supports the paper's dense layers only (bias-free, ungrouped "
                             "convolutions, a 1x1 bottleneck); call model.set_block_impl('plain') for this model")
@@ -131,7 +138,7 @@ def _autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+def _uses_batch_stats(bn: _BatchNorm) -> bool:
     return bn.training or bn.running_mean is None
 
 
@@ -143,24 +150,24 @@ class _Workspace:
     the next, larger one; glibc's default allocator (heap below its dynamic mmap threshold, up to 32 MB)
     keeps them, and the process's RSS grows far beyond the live tensors. This is the "shared storage" of
     Pleiss et al. (2017): storage sized once for the largest layer, of which each layer takes a contiguous
-    prefix, viewed as (N, c, H, W) -- or as channels_last, matching the block's buffer. ``storage``: a part
-    of another workspace's, free while this one is used.
+    prefix, viewed as (N, c, *spatial) -- or as channels_last, matching the block's buffer. ``storage``: a
+    part of another workspace's, free while this one is used.
     """
 
     def __init__(self, like: Tensor, channels: int, dtype: torch.dtype, channels_last: bool,
                  storage: Tensor | None = None) -> None:
-        n, _, h, w = like.shape
-        self.shape = (n, h, w)
+        n, _, *spatial = like.shape
+        self.shape = (n, *spatial)
         self.channels_last = channels_last
-        size = n * channels * h * w
+        size = n * channels * math.prod(spatial)
         self.storage = torch.empty(size, dtype=dtype, device=like.device) if storage is None else storage[:size]
 
     def view(self, channels: int) -> Tensor:
-        n, h, w = self.shape
-        flat = self.storage[: n * channels * h * w]
+        n, *spatial = self.shape
+        flat = self.storage[: n * channels * math.prod(spatial)]
         if self.channels_last:
-            return flat.view(n, h, w, channels).permute(0, 3, 1, 2)
-        return flat.view(n, channels, h, w)
+            return flat.view(n, *spatial, channels).movedim(-1, 1)
+        return flat.view(n, channels, *spatial)
 
 
 class _Workspaces:
@@ -177,7 +184,7 @@ class _Workspaces:
                  channels_last: bool, backward: bool) -> None:
         widest = c_in + (len(layers) - 1) * growth
         dtype, cast = buffer.dtype, conv_dtype != buffer.dtype
-        pairs = buffer if buffer.shape[0] >= 2 else buffer.expand(2, -1, -1, -1)  # room for the two parts
+        pairs = buffer if buffer.shape[0] >= 2 else buffer.expand(2, *buffer.shape[1:])  # room for the two parts
         self.wide = _Workspace(pairs, widest, dtype, channels_last)
         self.wide.shape = (buffer.shape[0], *self.wide.shape[1:])
         self.wide_cast = _Workspace(pairs, widest, conv_dtype, channels_last) if cast else None
@@ -209,7 +216,7 @@ class _Workspaces:
 _PART_BYTES = 4 << 20
 
 
-def _pointwise_forward(inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor, var: Tensor,
+def _pointwise_forward(inp: Tensor, bn: _BatchNorm, bn_weight, bn_bias, mean: Tensor, var: Tensor,
                        weight: Tensor, dtype: torch.dtype, ws: _Workspaces, channels_last: bool) -> Tensor:
     """conv1x1(ReLU(BN(inp))) over the block's c maps, into the ``ws.mid`` workspace.
 
@@ -218,16 +225,16 @@ def _pointwise_forward(inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean
     to recompute the bottleneck output instead of keeping it (4k maps per layer: most of what the block
     would otherwise store).
     """
-    n, c, h, w = inp.shape
+    n, c, *spatial = inp.shape
+    pixels = math.prod(spatial)
     y = normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
     y = _cast_into(y, dtype, ws.wide_cast)
     w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
     mid = ws.mid.view(w2.shape[0])
     if channels_last:  # (n, pixels, c) @ (c, width)
-        torch.matmul(y.permute(0, 2, 3, 1).reshape(n, h * w, c), w2.t(),
-                     out=mid.permute(0, 2, 3, 1).view(n, h * w, -1))
+        torch.matmul(y.movedim(1, -1).reshape(n, pixels, c), w2.t(), out=mid.movedim(1, -1).view(n, pixels, -1))
     else:  # (width, c) @ (n, c, pixels)
-        torch.matmul(w2, y.reshape(n, c, h * w), out=mid.view(n, -1, h * w))
+        torch.matmul(w2, y.reshape(n, c, pixels), out=mid.view(n, -1, pixels))
     return mid
 
 
@@ -258,7 +265,7 @@ def _redrop_(t: Tensor, mask: Tensor | None, p: float) -> Tensor:
     return t if mask is None else t.mul_(mask.to(t.dtype).div_(1 - p))
 
 
-def _conv(x: Tensor, weight: Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> Tensor:
+def _conv(x: Tensor, weight: Tensor, conv: nn.modules.conv._ConvNd, dtype: torch.dtype) -> Tensor:
     # The module's own convolution (whatever its number of spatial dimensions), with the weight in ``dtype``.
     return conv._conv_forward(x.to(dtype), weight.to(dtype), None)
 
@@ -266,12 +273,12 @@ def _conv(x: Tensor, weight: Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> Ten
 def _forward(layers, x: Tensor, params: list, save: bool):
     device_type = x.device.type
     conv_dtype = _autocast_dtype(device_type, x.dtype)
-    n, c_in, h, w = x.shape
+    n, c_in = x.shape[:2]
     growth = layers[0].conv2.out_channels
     block = BlockBuffer(x, c_in + len(layers) * growth, dtype=torch.promote_types(x.dtype, conv_dtype))
     block.write(x)
     buffer, channels_last = block.data, block.channels_last
-    count = n * h * w
+    count = x.numel() // c_in
     ws = _Workspaces(layers, buffer, c_in, growth, conv_dtype, channels_last, backward=False)
     batch_stats = [(_uses_batch_stats(layer.norm1 if layer.bottleneck else layer.norm2),
                     layer.bottleneck and _uses_batch_stats(layer.norm2)) for layer in layers]
@@ -329,7 +336,7 @@ def _undrop(grad: Tensor, mask: Tensor | None, p: float) -> Tensor:
     return grad if mask is None else grad * mask.to(grad.dtype).div_(1 - p)
 
 
-def _bn_backward_(grad: Tensor, inp: Tensor, bn: nn.BatchNorm2d, weight, mean: Tensor, var: Tensor, batch: bool,
+def _bn_backward_(grad: Tensor, inp: Tensor, bn: _BatchNorm, weight, mean: Tensor, var: Tensor, batch: bool,
                   scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """BN's backward pass in place: ``grad`` (a workspace view) becomes the input gradient.
 
@@ -338,30 +345,30 @@ def _bn_backward_(grad: Tensor, inp: Tensor, bn: nn.BatchNorm2d, weight, mean: T
     dx = dy * invstd * weight; grad_weight = dotp * invstd, grad_bias = sum(dy). ``scratch`` (the other
     workspace view, free by then) holds xmu, so nothing of the input's size is allocated.
     """
-    dims = (0, 2, 3)
+    dims, nd = (0, *spatial_dims_of(grad)), grad.dim() - 2
     invstd = (var + bn.eps).sqrt().reciprocal()
     sum_dy = grad.sum(dims, dtype=mean.dtype)
-    torch.sub(inp, per_channel(mean), out=scratch)
+    torch.sub(inp, per_channel(mean, nd), out=scratch)
     dotp = scratch.mul_(grad).sum(dims, dtype=mean.dtype)
     scale = invstd if weight is None else invstd * weight
     if batch:
         count = grad.numel() // grad.shape[1]
-        torch.sub(inp, per_channel(mean), out=scratch)
-        scratch.mul_(per_channel(dotp * invstd * invstd / count))
-        grad.sub_(per_channel(sum_dy / count)).sub_(scratch)
-    grad.mul_(per_channel(scale))
+        torch.sub(inp, per_channel(mean, nd), out=scratch)
+        scratch.mul_(per_channel(dotp * invstd * invstd / count, nd))
+        grad.sub_(per_channel(sum_dy / count, nd)).sub_(scratch)
+    grad.mul_(per_channel(scale, nd))
     grad_weight = None if weight is None else (dotp * invstd).to(weight.dtype)
     return grad, grad_weight, sum_dy
 
 
-def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Conv2d, dtype: torch.dtype):
+def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.modules.conv._ConvNd, dtype: torch.dtype):
     grad_in, grad_w, _ = aten.convolution_backward(
         grad.to(dtype), inp.to(dtype), weight.to(dtype), None, list(conv.stride), list(conv.padding),
         list(conv.dilation), False, [0] * len(conv.stride), 1, [True, True, False])
     return grad_in, grad_w.to(weight.dtype)
 
 
-def _pointwise_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, bn_bias, mean: Tensor,
+def _pointwise_backward(g: Tensor, inp: Tensor, bn: _BatchNorm, bn_weight, bn_bias, mean: Tensor,
                         var: Tensor, batch: bool, weight: Tensor, dtype: torch.dtype, grad: Tensor,
                         ws: _Workspaces, channels_last: bool):
     """The backward pass of conv1x1(ReLU(BN(x))) over the block's c maps, a few samples at a time.
@@ -375,15 +382,18 @@ def _pointwise_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, b
     once the batch sums are known.
     Returns the gradients of the convolution weight, the BN weight and the BN bias.
     """
-    n, c, h, w = inp.shape
+    n, c, *spatial = inp.shape
+    pixels, nd = math.prod(spatial), len(spatial)
+    dims = (0, *spatial_dims_of(inp))
     acc = mean.dtype
     factors = bn_factors(bn, bn_weight, bn_bias, mean, var, inp)
     center, scale, _, invstd = factors
-    center = per_channel(mean) if center is None else center
+    center = per_channel(mean, nd) if center is None else center
     w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
     width = w2.shape[0]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    g = g.to(dtype).contiguous(memory_format=fmt)
+    # In channels_last, g's channels last too (movedim below is then a view); 1D maps have no such layout.
+    g = g.to(dtype)
+    g = g.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else g.contiguous()
     # The weight gradient sums over the batch in float32 at least: summed in bf16, part after part, it would
     # keep 8 bits of each part's sum.
     grad_w = torch.zeros(width, c, dtype=torch.promote_types(dtype, torch.float32), device=inp.device)
@@ -400,29 +410,29 @@ def _pointwise_backward(g: Tensor, inp: Tensor, bn: nn.BatchNorm2d, bn_weight, b
             y_c.copy_(y)
         out = gy if y_c is y else y_c  # under autocast: y_c is free once grad_w has it
         if channels_last:  # the part is one (pixels, channels) matrix: one product each
-            g2 = gm.permute(0, 2, 3, 1).reshape(-1, width)
-            grad_w += torch.mm(g2.t(), y_c.permute(0, 2, 3, 1).reshape(-1, c))
-            torch.mm(g2, w2, out=out.permute(0, 2, 3, 1).view(-1, c))
+            g2 = gm.movedim(1, -1).reshape(-1, width)
+            grad_w += torch.mm(g2.t(), y_c.movedim(1, -1).reshape(-1, c))
+            torch.mm(g2, w2, out=out.movedim(1, -1).view(-1, c))
         else:  # one (channels, pixels) matrix per sample
-            g3 = gm.reshape(m, width, h * w)
-            grad_w += torch.bmm(g3, y_c.view(m, c, h * w).transpose(1, 2)).sum(0, dtype=grad_w.dtype)
-            torch.matmul(w2.t(), g3, out=out.view(m, c, h * w))
+            g3 = gm.reshape(m, width, pixels)
+            grad_w += torch.bmm(g3, y_c.view(m, c, pixels).transpose(1, 2)).sum(0, dtype=grad_w.dtype)
+            torch.matmul(w2.t(), g3, out=out.view(m, c, pixels))
         if out is not gy:
             gy.copy_(out)
         aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
-        sum_dy += gy.sum((0, 2, 3), dtype=acc)
+        sum_dy += gy.sum(dims, dtype=acc)
         torch.sub(x, center, out=y)
-        dotp += y.mul_(gy).sum((0, 2, 3), dtype=acc)
+        dotp += y.mul_(gy).sum(dims, dtype=acc)
         grad[rows, :c].addcmul_(gy, scale)
     # dotp is sum((x - center) * gy): with the mean rounded to the maps' dtype (bn_factors), the rounding's
     # share is exactly (mean - center) * sum_dy, taken off here.
     center_acc, scale_acc = center.flatten().to(acc), scale.flatten().to(acc)
     dotp += (center_acc - mean) * sum_dy
     if batch:  # grad -= alpha * ((x - mean) * k + sum_dy / count), as (x - center) * a + b, in the workspace
-        k = dotp * invstd * invstd / (n * h * w)
-        a, b = -scale_acc * k, -scale_acc * ((center_acc - mean) * k + sum_dy / (n * h * w))
+        k = dotp * invstd * invstd / (n * pixels)
+        a, b = -scale_acc * k, -scale_acc * ((center_acc - mean) * k + sum_dy / (n * pixels))
         t = torch.sub(inp, center, out=ws.wide.view(c))
-        grad[:, :c].addcmul_(t, per_channel(a.to(t.dtype))).add_(per_channel(b.to(t.dtype)))
+        grad[:, :c].addcmul_(t, per_channel(a.to(t.dtype), nd)).add_(per_channel(b.to(t.dtype), nd))
     grad_bn_weight = None if bn_weight is None else (dotp * invstd).to(bn_weight.dtype)
     grad_bn_bias = None if bn_bias is None else sum_dy.to(bn_bias.dtype)
     return grad_w.view_as(weight).to(weight.dtype), grad_bn_weight, grad_bn_bias

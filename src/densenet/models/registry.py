@@ -64,8 +64,8 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 _PATTERN = re.compile(r"^densenet(?P<bc>_bc|_b|_c)?(?P<depth>\d+)_k(?P<k>\d+)$")
-_OVERRIDABLE = {"num_classes", "in_chans", "drop_rate", "block_impl", "memory_efficient", "growth_rate",
-                "block_config", "num_init_features", "bottleneck_width", "compression", "stem"}
+_OVERRIDABLE = {"num_classes", "in_chans", "drop_rate", "block_impl", "memory_efficient", "spatial_dims",
+                "growth_rate", "block_config", "num_init_features", "bottleneck_width", "compression", "stem"}
 
 
 def default_input_size(stem: str) -> int:
@@ -102,7 +102,9 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     """Build a named DenseNet, e.g. ``create_model("densenet_bc100_k12", num_classes=100, drop_rate=0.2)``.
 
     overrides: any DenseNet constructor argument, e.g. ``block_impl="concat_free"`` (how the dense blocks
-        compute, models/densenet.py; ``memory_efficient=True`` is block_impl="efficient").
+        compute, models/densenet.py; ``memory_efficient=True`` is block_impl="efficient"), or
+        ``spatial_dims=3`` (the same network for volumes, ``spatial_dims=1`` for signals; every name, both forms:
+        ``create_model("densenet121", spatial_dims=3, in_chans=1, num_classes=2)`` is MONAI's DenseNet121).
 
     pretrained: torchvision's ImageNet weights (densenet121/161/169/201), downloaded once into torch.hub's
         cache; another ``num_classes`` keeps them all but the classifier, another ``in_chans`` adapts the first
@@ -127,6 +129,9 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     if pretrained:
         from densenet.models.pretrained import PRETRAINED
 
+        if config.get("spatial_dims", 2) != 2:
+            raise ConfigError(f"the published ImageNet weights are 2D; build {name} with spatial_dims="
+                              f"{config['spatial_dims']} without pretrained=True")
         if name not in PRETRAINED:
             raise ConfigError(f"no published ImageNet weights for {name!r}; pretrained=True works for "
                               f"{', '.join(PRETRAINED)}")

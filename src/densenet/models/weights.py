@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save
 from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
 from densenet.files import atomic_write, safe_load
+from densenet.models import resnet
 from densenet.models.compat import load_into, remap_legacy_keys  # noqa: F401 - load_into: weights' public face
 from densenet.models.densenet import DenseNet
 from densenet.models.registry import MODELS
@@ -127,7 +128,9 @@ _BLOCK = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.conv2\.weight
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """DenseNet constructor arguments that fit a state dict's keys and shapes."""
+    """DenseNet constructor arguments that fit a state dict's keys and shapes (the spatial dimensions from the
+    first convolution's kernel: (out, in, k) for signals, (out, in, k, k) for images, (out, in, k, k, k) for
+    volumes)."""
     try:
         conv0 = state["features.conv0.weight"]
         layers: dict[int, int] = {}
@@ -149,7 +152,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
                 bottleneck_width=int(conv1.shape[0] // growth) if conv1 is not None else None,
                 compression=compression, stem="imagenet" if conv0.shape[-1] == 7 else "cifar",
                 in_chans=int(conv0.shape[1]), num_classes=int(classifier.shape[0]) if classifier is not None else 0,
-                drop_rate=0.0)
+                drop_rate=0.0, spatial_dims=int(conv0.dim() - 2))
 
 
 def model_name_for(config: dict[str, Any]) -> str:
@@ -179,8 +182,13 @@ def load_weights(path: str | os.PathLike, map_location: str | torch.device = "cp
     config = metadata.get("config") or infer_config(state)
     metadata = dict(metadata)
     metadata["config"] = config
+    if resnet.is_resnet_config(config):  # a comparison ResNet's run (models/resnet.py, the paper's Figure 4)
+        model = resnet.build_resnet(config)
+        load_into(model, state, source=str(path))
+        return model.to(map_location), metadata
     metadata.setdefault("model", model_name_for(config))
-    if config["stem"] == "imagenet" and config["num_classes"] == 1000:  # ImageNet weights from elsewhere
+    if config["stem"] == "imagenet" and config["num_classes"] == 1000 and config.get("spatial_dims", 2) == 2:
+        # ImageNet weights from elsewhere
         imagenet = DATASETS["imagenet"]
         metadata.setdefault("mean", list(imagenet.mean))
         metadata.setdefault("std", list(imagenet.std))
