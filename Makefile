@@ -61,3 +61,17 @@ data/cifar10/train: ../shared/data/cifar10/cifar10-jpeg.tar.gz
 # on 2 cores with native bf16. Run it alone on the machine: a second busy process slows every step of it.
 cifar10-cpu: install data/cifar10/train
 	$(BIN)/densenet train --config configs/cifar10_cpu.yaml --out runs/cifar10-cpu
+
+# Medical and multi-label runs (docs/medical.md): PneumoniaMNIST (binary, ../shared/data/medmnist) and MIML
+# (multi-label photos with a CSV of labels, ../shared/data/miml), each from scratch on the CPU, chosen on val,
+# tested once. SEED picks the seed of the PneumoniaMNIST run (the committed runs: 0, 1, 2).
+.PHONY: pneumonia-cpu miml-cpu
+SEED ?= 0
+pneumonia-cpu: install
+	$(BIN)/densenet train --config configs/pneumoniamnist_cpu.yaml --seed $(SEED) --out runs/pneumoniamnist-seed$(SEED)
+
+data/miml/miml/labels.csv: ../shared/data/miml/miml.tar
+	mkdir -p data/miml && tar xf $< -C data/miml && touch $@
+
+miml-cpu: install data/miml/miml/labels.csv
+	$(BIN)/densenet train --config configs/miml_cpu.yaml --out runs/miml-cpu
