@@ -47,11 +47,37 @@ def test_densenet_list_prints_the_counts_of_the_built_models(capsys):
     from densenet.cli import main
 
     assert main(["list", "--num-classes", "100"]) == 0
+    from densenet.models.resnet import RESNETS
+
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
-    assert list(rows) == densenet.list_models()
+    assert list(rows) == densenet.list_models() + list(RESNETS)  # the DenseNets, then the comparison ResNets
     for name, (_, form, size, classes, params, macs) in rows.items():
         with torch.device("meta"):
             model = densenet.create_model(name, num_classes=100)
+        if name in RESNETS:
+            assert (form, size, classes, int(params.replace(",", ""))) == ("cifar", "32", "100",
+                                                                          count_parameters(model))
+            continue
         assert (form, int(size), int(classes)) == (model.stem, 224 if form == "imagenet" else 32, 100)
         assert int(params.replace(",", "")) == count_parameters(model)
         assert macs == f"{hooked_macs(model, int(size)) / 1e9:.2f}G"
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 3])
+@pytest.mark.parametrize("name", ["densenet_bc40_k12", "densenet121"])
+def test_counts_of_1d_and_3d_configs_equal_the_built_networks(name, spatial_dims):
+    """Parameters against the built network; MACs against torch's operator count of one forward pass."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from densenet.models.registry import create_model, model_config
+
+    size = 32
+    config = model_config(name) | {"spatial_dims": spatial_dims, "num_classes": 5, "in_chans": 1}
+    with torch.device("meta"):
+        model = create_model(name, spatial_dims=spatial_dims, num_classes=5, in_chans=1).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.empty(1, 1, *[size] * spatial_dims))
+    assert config_parameters(config) == sum(p.numel() for p in model.parameters())
+    assert config_macs(config, size) == counter.get_total_flops() // 2

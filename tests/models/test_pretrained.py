@@ -144,7 +144,10 @@ def test_train_init_by_name_fine_tunes_from_the_pretrained_weights(monkeypatch, 
     state = cache_tiny_weights(monkeypatch, torch_home)
     options = resolve_options(None, {"dataset": "folder", "init": "densenet121", "data_dir": str(tmp_path)})
     assert options.model == "densenet121"  # the folder data set's default model
-    model = _build_model(options, SimpleNamespace(num_classes=2, in_chans=3))
+    from densenet.data.task import Task
+
+    data = SimpleNamespace(num_classes=2, in_chans=3, task=Task.multiclass(["a", "b"]), spatial_dims=2, name="folder")
+    model = _build_model(options, data)
     own = model.state_dict()
     assert own["classifier.weight"].shape[0] == 2
     assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("classifier."))

@@ -442,3 +442,19 @@ def test_a_long_cpu_run_records_the_timed_paths(monkeypatch, tmp_path):
     assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
     runtime = yaml.safe_load((run / "config.yaml").read_text())["runtime"]
     assert set(runtime["rates"]) == {name for name, _, _ in fast.PATHS} and "timed fastest" in runtime["reason"]
+
+
+def test_volumes_train_in_the_plain_layout():
+    """channels_last is a 2D layout: a 3D run is never put in it (model.to(channels_last) fails on a 5D model)."""
+    from densenet.errors import ConfigError
+    from densenet.training.options import resolve_options
+
+    long_run = resolve_options(None, {"dataset": "digits", "compile": "on"})
+    assert fast.plan(long_run, torch.device("cpu"), 10_000).channels_last
+    runtime = fast.plan(long_run, torch.device("cpu"), 10_000, spatial_dims=3)
+    assert not runtime.channels_last and not runtime.timed and runtime.compile
+    auto = resolve_options(None, {"dataset": "digits"})
+    assert not fast.plan(auto, torch.device("cpu"), 10_000, spatial_dims=3).timed
+    with pytest.raises(ConfigError, match="--channels-last is for 2D images"):
+        fast.plan(resolve_options(None, {"dataset": "digits", "channels_last": True}), torch.device("cpu"), 10,
+                  spatial_dims=3)

@@ -247,24 +247,14 @@ def test_pos_weight_auto_on_a_multiclass_set_is_refused(tmp_path, capsys):
     assert "--pos-weight auto is for binary and multilabel tasks" in capsys.readouterr().err
 
 
-def test_volumes_train_a_3d_model_or_are_refused_in_one_line(tmp_path, capsys):
-    """A 3D MedMNIST file: a 3D network where the models take spatial_dims, else one line saying they do not."""
-    import inspect
-
-    from densenet.models.densenet import DenseNet
-
+def test_volumes_train_a_3d_model(tmp_path, capsys):
+    """A 3D MedMNIST file trains a 3D network (spatial_dims=3), recorded in the weights' metadata."""
     formats.write_medmnist(tmp_path / "adrenalmnist3d.npz", image_shape=(6, 6, 6))
     code = train("--dataset", "medmnist", "--data-dir", tmp_path / "adrenalmnist3d.npz", "--epochs", 1,
                  "--out", tmp_path / "r")
-    if "spatial_dims" in inspect.signature(DenseNet.__init__).parameters:
-        assert code == 0
-        assert read_metadata(tmp_path / "r" / "model.safetensors")["config"]["spatial_dims"] == 3
-        assert json.loads((tmp_path / "r" / "results.json").read_text())["test"]["n"] == 4
-    else:
-        assert code == 2
-        err = capsys.readouterr().err
-        assert "3D models are not built yet" in err and len(err.strip().splitlines()) == 1
-        assert not (tmp_path / "r" / "config.yaml").exists()
+    assert code == 0, capsys.readouterr().err
+    assert read_metadata(tmp_path / "r" / "model.safetensors")["config"]["spatial_dims"] == 3
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["test"]["n"] == 4
 
 
 def test_rgb_init_weights_fine_tune_a_grayscale_binary_model(tmp_path, pneumonia, capsys):

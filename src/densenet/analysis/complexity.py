@@ -69,17 +69,19 @@ def _layers(config: Mapping[str, Any], input_size: int):
 def config_parameters(config: Mapping[str, Any]) -> int:
     """Parameters of the DenseNet ``config`` describes (``DenseNet(**config)``): weights, BN scales and shifts,
     the classifier's bias; without building it."""
-    total = 0
+    total, dims = 0, int(config.get("spatial_dims", 2))
     for c_in, c_out, kernel, _ in _layers(config, registry.default_input_size(config.get("stem", "imagenet"))):
-        total += 2 * c_in if c_out is None else c_in * c_out * kernel * kernel
+        total += 2 * c_in if c_out is None else c_in * c_out * kernel**dims
     classes = config.get("num_classes", 1000)
     return total + (classes if classes > 0 else 0)
 
 
 def config_macs(config: Mapping[str, Any], input_size: int | None = None) -> int:
-    """Multiply-accumulates of one forward pass of one image (convolutions and the linear layer)."""
+    """Multiply-accumulates of one forward pass of one image (convolutions and the linear layer); a 1D or 3D
+    network (``spatial_dims``) on an input of ``input_size`` along every axis."""
     size = input_size or registry.default_input_size(config.get("stem", "imagenet"))
-    return sum(c_in * c_out * kernel * kernel * side * side
+    dims = int(config.get("spatial_dims", 2))
+    return sum(c_in * c_out * kernel**dims * side**dims
                for c_in, c_out, kernel, side in _layers(config, size) if c_out is not None)
 
 

@@ -124,12 +124,13 @@ def read_run(run_dir: str | Path) -> RunResult:
 
 
 def _forward_macs(model, input_size: int | None) -> int:
-    """Multiply-accumulates of one image's forward pass: the paper's count for a DenseNet (analysis/complexity.py),
-    torch's operator count for another network (a comparison ResNet of the paper's Figure 4)."""
+    """Multiply-accumulates of one image's forward pass: the paper's count for a 2D DenseNet (analysis/complexity.py),
+    torch's operator count for a 1D/3D DenseNet or another network (a comparison ResNet of the paper's Figure 4)."""
     from densenet.analysis.complexity import count_macs
     from densenet.models.densenet import DenseNet
 
-    if isinstance(model, DenseNet):
+    dims = int(model.config.get("spatial_dims", 2))
+    if isinstance(model, DenseNet) and dims == 2:
         return count_macs(model, input_size)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -137,7 +138,7 @@ def _forward_macs(model, input_size: int | None) -> int:
     size = input_size or 32
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model.eval()(torch.zeros(1, int(model.config.get("in_chans", 3)), size, size))
+        model.eval()(torch.zeros(1, int(model.config.get("in_chans", 3)), *[size] * dims))
     return counter.get_total_flops() // 2
 
 

@@ -83,8 +83,16 @@ class Runtime:
         return asdict(self) | {"torch": str(torch.__version__)}
 
 
-def plan(options, device: torch.device, total_steps: int, distributed: bool = False) -> Runtime:
-    """Decide compile / channels_last for this run from the options (None or "auto": decide here)."""
+def plan(options, device: torch.device, total_steps: int, distributed: bool = False, spatial_dims: int = 2
+         ) -> Runtime:
+    """Decide compile / channels_last for this run from the options (None or "auto": decide here).
+
+    channels_last is for 2D images only: 1D signals have no such layout, and the CPU's 3D convolutions do not
+    keep channels_last_3d (their outputs come back contiguous), so volumes train in the plain layout."""
+    from densenet.errors import ConfigError
+
+    if options.channels_last and spatial_dims != 2:
+        raise ConfigError(f"--channels-last is for 2D images; these data are {spatial_dims}D")
     if options.compile == "off":
         compile_, reason = False, "--compile off"
     elif options.memory_efficient:  # even with --compile on
@@ -99,7 +107,8 @@ def plan(options, device: torch.device, total_steps: int, distributed: bool = Fa
              and not distributed)
     channels_last = options.channels_last
     if channels_last is None:
-        channels_last = compile_ or device.type == "cuda"
+        channels_last = (compile_ or device.type == "cuda") and spatial_dims == 2
+    timed = timed and spatial_dims == 2  # the paths timed differ in layout only where there is a choice
     amp = options.amp
     if amp == "auto":
         amp = "bf16" if native_bf16(device) else "none"

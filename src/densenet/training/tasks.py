@@ -24,7 +24,6 @@ of medical-imaging benchmarks, *selection on validation, test once*:
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Callable
@@ -47,18 +46,10 @@ SHOWN = (("auroc", "AUROC"), ("acc", "ACC"), ("map", "mAP"), ("lrap", "LRAP"), (
          ("f1_macro", "F1"))
 
 
-def model_shape(data: Data, model_class: type | None = None) -> dict[str, int]:
+def model_shape(data: Data) -> dict[str, int]:
     """The ``create_model`` arguments the data decide: outputs (``task.num_outputs``: 1 for binary), input
-    channels, and ``spatial_dims`` for volumes where the models take it (a ConfigError until they do)."""
-    shape = {"num_classes": data.task.num_outputs, "in_chans": data.in_chans}
-    if data.spatial_dims != 2:
-        if model_class is None:
-            from densenet.models.densenet import DenseNet as model_class
-        if "spatial_dims" not in inspect.signature(model_class.__init__).parameters:
-            raise ConfigError(f"{data.name} holds {data.spatial_dims}D volumes and 3D models are not built yet; "
-                              f"train on a 2D set")
-        shape["spatial_dims"] = data.spatial_dims
-    return shape
+    channels, and ``spatial_dims`` (3 for volumes)."""
+    return {"num_classes": data.task.num_outputs, "in_chans": data.in_chans, "spatial_dims": data.spatial_dims}
 
 
 def build_loss(data: Data, device: torch.device, label_smoothing: float = 0.0, pos_weight: str = "none"

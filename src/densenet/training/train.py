@@ -363,7 +363,8 @@ def _setup(options: TrainOptions, device: torch.device, info: distributed.Dist, 
     train_batches = Batches(data, data.train, per_rank, info, device, train=True,
                             augment=options.augment == "standard", seed=options.seed, workers=options.workers,
                             crop_padding=options.crop_padding, flip=options.flip)
-    runtime = fast.plan(options, device, total_steps=len(train_batches) * options.epochs, distributed=info.enabled)
+    runtime = fast.plan(options, device, total_steps=len(train_batches) * options.epochs, distributed=info.enabled,
+                        spatial_dims=data.spatial_dims)
     if runtime.timed:  # a long CPU run: which path is fastest here is measured (training/fast.py)
         shape = (tuple(data.train.images.shape[1:]) if data.in_memory
                  else (data.in_chans, options.input_size or 224, options.input_size or 224))
