@@ -88,8 +88,11 @@ def test_bench_paths_row_for_the_default_training_path(capsys, monkeypatch):
                                       "torchvision eager NCHW", "torchvision eager channels_last",
                                       "torchvision compiled channels_last"]
     assert timed[0] == ((3, 8, 8), 4)
-    assert paths["settings"]["ours default"] == {"channels_last": True, "compiled": False}  # the timed choice
-    assert paths["settings"]["ours eager NCHW"] == {"channels_last": False, "compiled": False}
+    # the timed choice, with the dense blocks densenet train runs on each path (fast.block_impl_for)
+    assert paths["settings"]["ours default"] == {"channels_last": True, "compiled": False, "block_impl": "plain"}
+    assert paths["settings"]["ours eager NCHW"] == {"channels_last": False, "compiled": False,
+                                                    "block_impl": "concat_free"}
+    assert paths["settings"]["torchvision eager NCHW"]["block_impl"] is None
     ips = {name: t["images_per_s"] for name, t in paths["timings"].items()}
     best = max(("torchvision eager NCHW", "torchvision eager channels_last"), key=ips.get)
     assert paths["best_torchvision_eager"] == best

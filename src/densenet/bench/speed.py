@@ -33,7 +33,7 @@ from densenet.devices import autocast, cpu_model, matmul_peak, resolve_device, s
 from densenet.errors import ConfigError
 from densenet.inference.engines import ENGINES, build_engine
 from densenet.models.compat import torchvision_reference
-from densenet.models.densenet import DenseNet
+from densenet.models.densenet import DenseNet, block_impl_of, set_block_impl
 from densenet.models.registry import create_model, default_input_size
 from densenet.training import fast
 
@@ -164,12 +164,16 @@ def run_paths(args: argparse.Namespace, ours: DenseNet, reference: nn.Module, si
             channels_last, compiled = runtime.channels_last, runtime.compile
         else:
             channels_last, compiled = "channels_last" in name, "compiled" in name
+        if source is ours:  # the dense blocks densenet train runs on this path (fast.block_impl_for)
+            set_block_impl(net, runtime.block_impl if name == "ours default" else fast.block_impl_for(
+                compiled, channels_last, runtime.amp, args.memory_efficient))
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         forward = fast.StaticBatchModule(net, {batch}) if compiled else net
         x = _input(batch, ours, size, device, channels_last)
         calls[name] = fast.sgd_step(net, x, y, device, args.precision, forward=forward)
-        settings[name] = dict(channels_last=channels_last, compiled=compiled)
+        settings[name] = dict(channels_last=channels_last, compiled=compiled,
+                              block_impl=block_impl_of(net) if source is ours else None)
     start = time.perf_counter()
     for call in calls.values():  # compile (or warm up) each before timing
         call()
@@ -210,8 +214,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if task == "train":
             y = torch.randint(0, max(ours.num_classes, 1), (batch,), device=device)
             calls = {}
-            for name, net in (("ours", ours), ("torchvision", reference)):
+            amp = "bf16" if args.precision == "bf16" else "none"
+            for name, net in (("ours", copy.deepcopy(ours)), ("torchvision", reference)):
                 net = _prepare(net, device, args.channels_last, args.compile).train()
+                if name == "ours":  # the dense blocks densenet train would run with these settings
+                    set_block_impl(net, fast.block_impl_for(args.compile, args.channels_last, amp,
+                                                            args.memory_efficient))
                 calls[name] = fast.sgd_step(net, x, y, device, args.precision)
             flops = 3 * 2 * macs * batch
         else:
