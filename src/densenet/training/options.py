@@ -69,8 +69,8 @@ class TrainOptions:
                                                  "positives in BCE by negatives / positives in the training "
                                                  "targets (class imbalance); none (default) leaves BCE unweighted")
     tta: Literal["none", "flip", "flip-shift"] = option("none", "test-time augmentation of every evaluation: "
-        "flip averages the softmax of each image and its mirror image; flip-shift also of both moved one pixel "
-        "down-right and up-left (6 views; default none)")
+        "flip averages the probabilities (softmax or sigmoid) of each image and its mirror image; flip-shift "
+        "also of both moved one pixel down-right and up-left (6 views; default none)")
     drop_rate: float | None = option(None, "dropout after each convolution (paper: 0.2 without augmentation)")
     augment: Literal["standard", "none"] | None = option(None, "standard: the paper's (pad-crop-flip; ImageNet: "
                                                          "fb.resnet.torch); default by data set")
@@ -87,7 +87,8 @@ class TrainOptions:
     small_crop_epochs: int = option(0, "how many of the first epochs use --small-crop (default 0)", metavar="N")
     eval_every: int = option(1, "evaluate every N epochs and after the last (default 1; evaluation is a tenth of an "
                              "epoch's time in short CPU runs)", metavar="N")
-    input_size: int | None = option(None, "image side for folder/imagenet (default 224)")
+    input_size: int | None = option(None, "image side for folder/imagenet (default 224) and csv (default 64); "
+                                      "a medmnist file keeps its own")
     train_subset: int | None = option(None, "train on a stratified random N of the training images (in-memory "
                                       "sets; for short runs)", metavar="N")
     seed: int = option(0)
