@@ -1,6 +1,8 @@
 """load_image: every common mode becomes RGB (or L) correctly; broken files are errors naming the file."""
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,9 +109,15 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def test_the_file_is_read_in_full_and_closed(tmp_path):
     path = _rgb(tmp_path / "a.jpg")
+    expected = np.asarray(Image.open(path).convert("RGB"))
     img = load_image(path)
-    path.unlink()  # the pixels do not depend on the file any more
-    assert np.asarray(img).shape == (10, 12, 3)
+    if Path("/proc/self/fd").is_dir():  # closed: no descriptor of this process is left on the file
+        fds = Path("/proc/self/fd")
+        assert not [fd for fd in fds.iterdir() if os.path.realpath(fd) == os.path.realpath(path)]
+    # Read in full: the file's bytes replaced in place (same inode, so a lazy image's open descriptor would now
+    # read garbage, where an unlinked file would have stayed readable) change nothing.
+    path.write_bytes(b"\xff\xd8 not a jpeg any more" * 10)
+    assert np.array_equal(np.asarray(img), expected)
 
 
 def test_truncated_jpeg_is_an_error_at_read_time(tmp_path):
