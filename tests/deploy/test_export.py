@@ -131,3 +131,14 @@ def test_weights_of_another_architecture_are_refused(run, tmp_path, capsys):
     assert main(["export", str(bad), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 3])
+def test_signals_and_volumes_export_as_onnx_checked_against_pytorch(tmp_path, spatial_dims):
+    from densenet.models import create_model
+
+    model = create_model("densenet_bc10_k4", num_classes=2, in_chans=1, spatial_dims=spatial_dims)
+    worst = export.export_model(model, {"input_size": 8, "classes": ["a", "b"]}, "onnx", tmp_path / "m.onnx")
+    assert worst <= 1e-4
+    shape = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in shape[1:]] == [1] + [8] * spatial_dims

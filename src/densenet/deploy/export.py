@@ -36,10 +36,12 @@ CHECK_BATCHES = (1, 3)  # the example batch is 2: a file that kept it fixed fail
 _META_FILE = "densenet.json"
 
 
-def input_shape(model: nn.Module, metadata: dict[str, Any]) -> tuple[int, int, int]:
-    """(channels, height, width) of one input image: the metadata's input size, else the paper's for the form."""
+def input_shape(model: nn.Module, metadata: dict[str, Any]) -> tuple[int, ...]:
+    """(channels, height, width) of one input image, (channels, depth, height, width) of a volume, (channels,
+    length) of a signal: the metadata's input size along each axis, else the paper's for the form."""
     size = int(metadata.get("input_size") or (224 if getattr(model, "stem", "") == "imagenet" else 32))
-    return int(getattr(model, "in_chans", 3)), size, size
+    dims = int(getattr(model, "config", {}).get("spatial_dims", 2))
+    return (int(getattr(model, "in_chans", 3)), *[size] * dims)
 
 
 def check_output_path(out: str | os.PathLike) -> Path:
