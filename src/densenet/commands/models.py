@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 from densenet.errors import ConfigError
 
@@ -29,11 +28,11 @@ def run_list(args: argparse.Namespace) -> int:
         size = default_input_size(config["stem"])
         print(f"{name:<20} {config['stem']:<9} {size:>5} {config['num_classes']:>7} {config_parameters(config):>12,} "
               f"{config_macs(config, size) / 1e9:>8.2f}G")
-    from densenet.models.resnet import RESNETS
+    from densenet.models.resnet import RESNETS  # counted by building them (torch): densenet summary NAME
 
-    if importlib.util.find_spec("pytorchcv") is None:  # counted from the built network: needs the package
-        print(f"comparison ResNets (pip install densenet-paper[compare]): {', '.join(RESNETS)}")
-        return 0
+    print(f"comparison networks (pip install densenet-paper[compare]; parameters and MACs: densenet summary NAME): "
+          f"{', '.join(RESNETS)}")
+    return 0
     from densenet.analysis.figure4 import network_cost
 
     classes = 10 if args.num_classes is None else args.num_classes

@@ -48,8 +48,12 @@ SHOWN = (("auroc", "AUROC"), ("acc", "ACC"), ("map", "mAP"), ("lrap", "LRAP"), (
 
 def model_shape(data: Data) -> dict[str, int]:
     """The ``create_model`` arguments the data decide: outputs (``task.num_outputs``: 1 for binary), input
-    channels, and ``spatial_dims`` (3 for volumes)."""
-    return {"num_classes": data.task.num_outputs, "in_chans": data.in_chans, "spatial_dims": data.spatial_dims}
+    channels, and ``spatial_dims`` for signals and volumes (only then: the comparison ResNets are 2D only and
+    refuse it)."""
+    shape = {"num_classes": data.task.num_outputs, "in_chans": data.in_chans}
+    if data.spatial_dims != 2:
+        shape["spatial_dims"] = data.spatial_dims
+    return shape
 
 
 def build_loss(data: Data, device: torch.device, label_smoothing: float = 0.0, pos_weight: str = "none"
