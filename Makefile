@@ -70,8 +70,8 @@ SEED ?= 0
 pneumonia-cpu: install
 	$(BIN)/densenet train --config configs/pneumoniamnist_cpu.yaml --seed $(SEED) --out runs/pneumoniamnist-seed$(SEED)
 
-data/miml/miml/labels.csv: ../shared/data/miml/miml.tar
-	mkdir -p data/miml && tar xf $< -C data/miml && touch $@
+data/miml/labels.csv: ../shared/data/miml/miml.tar
+	mkdir -p data && tar xf $< -C data && touch $@
 
-miml-cpu: install data/miml/miml/labels.csv
+miml-cpu: install data/miml/labels.csv
 	$(BIN)/densenet train --config configs/miml_cpu.yaml --out runs/miml-cpu
