@@ -19,6 +19,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--help"], ["list"], ["bench", "--help"], ["--version"]])
 def test_help_list_and_version_do_not_import_torch(argv):
     """What makes `densenet --help` and `densenet list` answer at once: no torch (seconds to import)."""
@@ -35,6 +36,7 @@ def test_help_list_and_version_do_not_import_torch(argv):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow  # starts a process
 def test_a_command_imports_its_own_module_only():
     done = _python(textwrap.dedent("""
         import sys

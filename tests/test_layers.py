@@ -15,6 +15,8 @@ An import inside ``if __name__ == "__main__":`` or ``if TYPE_CHECKING:`` does no
 import ast
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "densenet"
 LAYERS = {"errors": 0, "files": 0, "devices": 0, "data": 1, "models": 2, "inference": 3, "training": 4, "deploy": 4,
           "analysis": 4, "bench": 5, "commands": 6, "cli": 6, "__main__": 6, "__init__": 6}
@@ -110,6 +112,7 @@ def test_no_layer_imports_a_higher_one_or_a_sibling():
     assert layer_violations() == []
 
 
+@pytest.mark.slow
 def test_no_import_cycles():
     assert import_cycles() == []
 

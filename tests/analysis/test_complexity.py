@@ -34,6 +34,7 @@ def hooked_macs(model: nn.Module, size: int) -> int:
     return total[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"k{c['growth_rate']}-{c['stem']}-{c['block_config']}")
 def test_counts_from_the_configuration_equal_the_built_network(config):
     with torch.device("meta"):
@@ -43,6 +44,7 @@ def test_counts_from_the_configuration_equal_the_built_network(config):
         assert config_macs(config, size) == hooked_macs(model, size), size
 
 
+@pytest.mark.slow
 def test_densenet_list_prints_the_counts_of_the_built_models(capsys):
     from densenet.cli import main
 
@@ -61,6 +63,7 @@ def test_densenet_list_prints_the_counts_of_the_built_models(capsys):
         assert macs == f"{hooked_macs(model, int(size)) / 1e9:.2f}G"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [1, 3])
 @pytest.mark.parametrize("name", ["densenet_bc40_k12", "densenet121"])
 def test_counts_of_1d_and_3d_configs_equal_the_built_networks(name, spatial_dims):

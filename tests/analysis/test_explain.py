@@ -315,6 +315,7 @@ def test_explain_writes_an_overlay_per_image_and_a_contact_sheet(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)  # no temporaries
 
 
+@pytest.mark.slow
 def test_explain_draws_a_volume_as_slices(tmp_path):
     model = Tiny3d(in_chans=1).eval()
     volumes = torch.rand(2, 1, 4, 6, 6)

@@ -48,6 +48,7 @@ def runs(tmp_path):
             make_run(root / "r56", "resnet56_cifar", [None, 27.0, None, 18.5])]
 
 
+@pytest.mark.slow
 def test_the_generic_macs_counter_agrees_with_the_papers_count_on_densenets():
     for name in ("densenet_bc40_k12", "densenet40_k12", "densenet_c40_k12", "densenet_b40_k12"):
         config = model_config(name)
@@ -93,6 +94,7 @@ def test_a_run_folder_gives_its_point(runs):
     assert "| resnet20_cifar | ResNet |" in figure4.markdown([named])  # the folder's name only where it differs
 
 
+@pytest.mark.slow
 @needs_pytorchcv
 def test_the_curves_pair_the_best_densenet_bc_with_the_resnet_of_closest_error(runs):
     points = [figure4.read_run(r) for r in runs]
@@ -115,6 +117,7 @@ def test_a_second_recipe_is_flagged(runs):
                                                                                 [None, "bf16"]}
 
 
+@pytest.mark.slow
 @needs_pytorchcv
 def test_the_command_writes_the_figures_and_the_table(runs, tmp_path, capsys):
     out = tmp_path / "figure4"

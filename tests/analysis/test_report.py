@@ -46,6 +46,7 @@ def runs(tmp_path_factory):
     return root, model
 
 
+@pytest.mark.slow
 def test_rows_take_error_size_and_paper_numbers_from_the_run(runs):
     root, model = runs
     recipe = read_run(root / "recipe")
@@ -62,6 +63,7 @@ def test_rows_take_error_size_and_paper_numbers_from_the_run(runs):
     assert svhn.error == 3.0 and "lowest validation" in svhn.error_rule  # the paper's SVHN protocol
 
 
+@pytest.mark.slow
 def test_report_command_prints_markdown_and_writes_the_plots(runs, tmp_path, capsys):
     root, _ = runs
     out = tmp_path / "report"

@@ -38,6 +38,7 @@ def _weights(tmp_path, classes, dataset):
     return weights
 
 
+@pytest.mark.slow
 def test_bench_inference_reports_each_engine(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     _tree(tmp_path / "cifar10", per_class=2)
@@ -59,6 +60,7 @@ def test_bench_inference_reports_each_engine(tmp_path, capsys):
     assert rows["torchvision eager fp32"]["speedup"] == 1.0
 
 
+@pytest.mark.slow
 def test_bench_inference_on_a_streamed_folder_and_a_named_network(tmp_path, capsys):
     # streamed data sets hold no tensor of images: the bench decodes them (it used to read test.images)
     formats.write_class_folders(tmp_path / "data" / "val", ["a", "b", "c"], 2, size=(40, 36), ext=".jpg")

@@ -10,6 +10,7 @@ from densenet.cli import main
 from densenet.errors import ConfigError
 
 
+@pytest.mark.slow
 def test_bench_memory_smoke(tmp_path, capsys):
     results, markdown, plot = tmp_path / "m.json", tmp_path / "m.md", tmp_path / "m.png"
     argv = ["bench", "memory", "--depths", "10", "--growth-rate", "4", "--batch-size", "2", "--input-size",

@@ -37,6 +37,7 @@ def load_runner(fmt, path):
     return torch.export.load(str(path)).module()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
 def test_every_format_gives_pytorch_logits_at_two_batch_sizes(run, tmp_path, capsys, fmt):
     folder, model, metadata = run

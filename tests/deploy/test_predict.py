@@ -154,6 +154,7 @@ def _records(capsys):
     return [json.loads(line) for line in captured.out.strip().splitlines()], captured.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["folded", "onnxruntime", "openvino"])
 def test_each_fp32_engine_predicts_what_eager_predicts(run, tmp_path, capsys, engine):
     if engine in ("onnxruntime", "openvino"):
@@ -174,6 +175,7 @@ def test_each_fp32_engine_predicts_what_eager_predicts(run, tmp_path, capsys, en
                                    [p["probability"] for p in theirs["predictions"]], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [True, False], ids=["native-bf16", "no-bf16"])
 def test_the_default_engine_is_the_fastest_for_the_cpu_and_says_so(run, tmp_path, capsys, monkeypatch, bf16):
     from densenet.inference import engines

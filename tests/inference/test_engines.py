@@ -56,6 +56,7 @@ def test_folding_the_imagenet_stem():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", [e for e in ENGINES if e not in REDUCED])
 def test_float_engines_match_eager_on_the_same_images(engine):
     if engine == "compile":
@@ -85,6 +86,7 @@ def test_compile_matches_eager_and_keeps_freezing_to_itself():
     torch.testing.assert_close(run(torch.cat([x, x[:3]])), expected, rtol=1e-3, atol=1e-4)  # split and padded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", REDUCED)
 def test_reduced_precision_engines_are_close_to_eager_on_the_same_images(engine):
     _needs(engine)
@@ -103,6 +105,7 @@ def test_reduced_precision_engines_are_close_to_eager_on_the_same_images(engine)
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.75
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino-int8"])
 def test_built_files_are_cached_and_nothing_temporary_is_left(engine, tmp_path, monkeypatch):
     _needs(engine)
@@ -170,6 +173,7 @@ def test_auto_is_fp32_and_exact_without_native_bf16(monkeypatch):
         torch.testing.assert_close(run(x), model(x), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_fp32_when_bf16_fails_its_check(monkeypatch):
     _needs("openvino")
     monkeypatch.setattr(engines, "native_bf16", lambda device: True)
@@ -224,6 +228,7 @@ def test_unknown_engine_is_a_config_error():
         build_engine(_trained_like(), "tensorrt", example=torch.randn(1, 3, 16, 16))
 
 
+@pytest.mark.slow
 def test_the_cache_keeps_the_most_recently_used_engines(tmp_path, monkeypatch):
     import os
     import time

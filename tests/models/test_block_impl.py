@@ -52,6 +52,7 @@ def _assert_grads_equal(plain, other, **tol):
         torch.testing.assert_close(b.grad, a.grad, msg=lambda m, name=name: f"{name}: {m}", **tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", OTHERS)
 @pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "basic"])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
@@ -113,6 +114,7 @@ def test_eval_mode_forward_and_input_gradient(impl, spatial_dims):
     torch.testing.assert_close(other.state_dict(), plain.state_dict())  # eval touches no statistics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", OTHERS)
 @pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "basic"])
 @pytest.mark.parametrize("spatial_dims", [2, 3], ids=["2d", "3d"])
@@ -234,6 +236,7 @@ def test_no_ambient_state_changes_which_implementation_runs(impl, monkeypatch):
             assert calls == [expected[impl]] * len(model.block_config), (name, calls)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
 @pytest.mark.parametrize("impl", OTHERS)
 def test_tracing_a_buffer_block_is_an_error_naming_the_fix(impl):
@@ -245,6 +248,7 @@ def test_tracing_a_buffer_block_is_an_error_naming_the_fix(impl):
     torch.testing.assert_close(traced(x), model(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", BLOCK_IMPLS)
 def test_bf16_autocast_as_accurate_as_torchvision(impl):
     # The oracle is float32, with torchvision's own bf16 error as the yardstick: the buffer blocks' BN-ReLU

@@ -47,6 +47,7 @@ def test_list_models_is_the_paper():
     assert set(densenet.list_models()) == set(TABLE1_PARAMS) | set(TABLE2_PARAMS_M)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, gmacs", [("densenet121", 2.83), ("densenet169", 3.36), ("densenet201", 4.29),
                                          ("densenet264", 5.75), ("densenet161", 7.73),
                                          ("densenet_bc100_k12", 0.29), ("densenet_bc250_k24", 5.4),
@@ -57,6 +58,7 @@ def test_macs_match_paper(name, gmacs):
     assert round(macs, decimals) == pytest.approx(gmacs), macs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", densenet.list_models())
 def test_feature_info_of_every_model(name):
     """Channels and strides per block follow from the configuration (shape-only copy, no forward)."""
@@ -122,6 +124,7 @@ def test_initialisation_is_the_papers():
     assert torch.all(model.classifier.bias == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["densenet121", "densenet161"])
 def test_torchvision_state_dict_and_logits(name):
     torch.manual_seed(1)

@@ -210,6 +210,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_memory_efficient_mode_stores_less(tmp_path):
     # Activation memory held at the end of the forward pass (what the backward pass will need), measured as
     # RSS growth in a fresh process: 40 bottleneck layers keep 40 concatenations and BN outputs in the
@@ -262,6 +263,7 @@ _DEFAULT_ALLOCATOR_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_default_allocator_peak_below_half_of_standard(tmp_path):
     # What a user gets: glibc's DEFAULT allocator (no MALLOC_* variables), peak RSS over two SGD steps minus
     # the RSS after building the model. Temporaries that grow by k channels per layer, allocated anew at

@@ -77,6 +77,7 @@ def test_parameter_counts_equal_monai(name, spatial_dims):
         assert {k: v.shape for k, v in ours.state_dict().items()} == shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [1, 2, 3])
 def test_densenet121_logits_equal_monai_for_the_same_weights(spatial_dims):
     reference, ours = _pair("densenet121", spatial_dims, in_channels=1, out_channels=2)
@@ -128,6 +129,7 @@ def test_deeper_3d_logits_equal_monai(name):
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_weights_rebuild_a_3d_model_from_its_kernels():
     # A state dict alone (no metadata) says its dimensionality through the first convolution's kernel.
     reference, ours = _pair("densenet121", 3, in_channels=1, out_channels=2)

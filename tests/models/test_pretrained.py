@@ -88,6 +88,7 @@ def test_no_published_weights():
         densenet.create_model("densenet264", pretrained=True)
 
 
+@pytest.mark.slow
 def test_cli_takes_a_model_name(monkeypatch, torch_home, tmp_path, capsys):
     state = cache_tiny_weights(monkeypatch, torch_home)
     image = tmp_path / "photo.png"
@@ -159,6 +160,7 @@ def test_train_init_by_name_fine_tunes_from_the_pretrained_weights(monkeypatch, 
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_torchvisions_file_format_gives_torchvisions_outputs(monkeypatch, torch_home):
     """The published file's 2017 key names (norm.1, conv.2...) at full size: the same logits as torchvision's."""
     import torchvision

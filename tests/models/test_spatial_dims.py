@@ -17,6 +17,7 @@ NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 POOLS = {1: (nn.AvgPool1d, nn.MaxPool1d), 2: (nn.AvgPool2d, nn.MaxPool2d), 3: (nn.AvgPool3d, nn.MaxPool3d)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("spatial_dims", [1, 3])
 def test_every_registry_model_builds_in_1d_and_3d(name, spatial_dims):

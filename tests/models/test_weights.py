@@ -31,6 +31,7 @@ def test_round_trip_with_metadata(tmp_path):
         torch.testing.assert_close(loaded.eval()(x), model(x))
 
 
+@pytest.mark.slow
 def test_torchvision_pth_and_timm_safetensors_load_as_they_are(tmp_path):
     reference = torchvision.models.densenet121().eval()
     legacy = {}
@@ -49,6 +50,7 @@ def test_torchvision_pth_and_timm_safetensors_load_as_they_are(tmp_path):
             torch.testing.assert_close(model.eval()(x), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_infer_config_of_every_named_model():
     for name in densenet.list_models():
         with torch.device("meta"):

@@ -91,6 +91,7 @@ def _odd_images(folder):
     return sorted(folder.iterdir())
 
 
+@pytest.mark.slow
 def test_odd_image_modes_are_converted_for_training_and_predict(capsys, data, tmp_path, trained):
     odd = _odd_images(data / "train" / "cat")
     run = tmp_path / "run"
@@ -111,6 +112,7 @@ def test_unknown_model(capsys, data, tmp_path):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_weights_of_another_architecture_for_init(capsys, data, tmp_path):
     other = tmp_path / "other.safetensors"
     save_weights(create_model("densenet_bc10_k4", num_classes=2), other, {"model": "densenet_bc10_k4"})
@@ -195,6 +197,7 @@ def test_read_only_output_folder(capsys, data, tmp_path, monkeypatch):
     assert latest_checkpoint(run) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [1, 4])  # config.yaml (first write), or a checkpoint after epoch 1's
 def test_full_disk(capsys, data, tmp_path, monkeypatch, fail_at):
     """The disk fills up: fsync reports ENOSPC (as it does for delayed allocation), from the fail_at-th write on."""
@@ -222,6 +225,7 @@ def test_full_disk(capsys, data, tmp_path, monkeypatch, fail_at):
 
 # -- divergence ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_nan_loss_names_epoch_and_step_and_resume_uses_the_last_good_checkpoint(capsys, data, tmp_path, monkeypatch):
     real, calls = engine.F.cross_entropy, [0]
 

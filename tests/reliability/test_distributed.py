@@ -52,6 +52,7 @@ def test_torchrun_worker_killed_mid_epoch_restarts_from_the_last_checkpoint_and_
     assert (run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_restart_resumes_exactly(capsys, tmp_path, data, monkeypatch):
     assert run_forked(*_train_args(data, tmp_path / "reference")) == 0
     run = tmp_path / "run"
@@ -66,6 +67,7 @@ def test_restart_resumes_exactly(capsys, tmp_path, data, monkeypatch):
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
 
 
+@pytest.mark.slow
 def test_restart_before_the_first_checkpoint_starts_again(capsys, tmp_path, data, monkeypatch):
     run = tmp_path / "run"
     assert run_forked(*_train_args(data, run), fault="step", nth=1) == -9  # killed at the first step

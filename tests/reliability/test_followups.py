@@ -49,6 +49,7 @@ def test_temporaries_of_dead_writers_are_swept_at_the_next_save(tmp_path):
     assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_torn_checkpoint_write_leaves_nothing_after_the_resume(tmp_path, data):
     run = tmp_path / "run"
     assert run_forked(*_train_args(data, run), fault="torn", nth=2) == -9  # killed writing epoch 1's 2nd file
@@ -59,6 +60,7 @@ def test_a_torn_checkpoint_write_leaves_nothing_after_the_resume(tmp_path, data)
 
 # -- killed after the last checkpoint, before model.safetensors ----------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["torchrun-restart", "resume"])
 def test_a_run_killed_before_its_final_weights_writes_them(capsys, tmp_path, data, monkeypatch, how):
     run = tmp_path / "run"
@@ -79,6 +81,7 @@ def test_a_run_killed_before_its_final_weights_writes_them(capsys, tmp_path, dat
     assert_user_error(code, err, "train", "already finished 2 epochs")
 
 
+@pytest.mark.slow
 def test_a_process_killed_right_after_its_last_checkpoint_gets_its_final_weights(capsys, tmp_path, data, monkeypatch):
     """A real SIGKILL just after the last checkpoint's rename (1 epoch: checkpoint_last.pt, then _best.pt)."""
     run = tmp_path / "run"
@@ -96,6 +99,7 @@ def test_a_process_killed_right_after_its_last_checkpoint_gets_its_final_weights
 
 # -- killed before the first checkpoint ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_leaves_a_reusable_out(capsys, tmp_path, data):
     run = tmp_path / "run"
     assert run_forked(*_train_args(data, run), fault="step", nth=1) == -9

@@ -66,6 +66,7 @@ def _engine_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DENSENET_ENGINE_CACHE", str(tmp_path / "engine-cache"))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("_engine_cache")
 def test_every_installed_engine_gives_eager_s_errors_on_the_same_images(tmp_path, capsys):
     from densenet.devices import native_bf16

@@ -253,6 +253,7 @@ def test_flip_shift_tta_averages_the_softmax_over_six_views():
     assert sizes == [6] * 6
 
 
+@pytest.mark.slow
 def test_train_records_the_path_and_eager_forces_it(tmp_path, capsys, monkeypatch):
     import densenet.models.densenet as densenet_module
 
@@ -292,6 +293,7 @@ def test_amp_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert fast.plan(TrainOptions(), cpu, total_steps=10).amp == "none"  # the default stays fp32
 
 
+@pytest.mark.slow
 def test_eval_every_skips_evaluations_but_always_evaluates_the_last_epoch(tmp_path, capsys):
     import csv
 
@@ -308,6 +310,7 @@ def test_eval_every_skips_evaluations_but_always_evaluates_the_last_epoch(tmp_pa
     assert f"test error {float(rows[-1]['test_error']):.2f}%" in out
 
 
+@pytest.mark.slow
 def test_crop_padding_reaches_the_augmentation(monkeypatch, tmp_path):
     from densenet.training import engine
 
@@ -321,6 +324,7 @@ def test_crop_padding_reaches_the_augmentation(monkeypatch, tmp_path):
     assert seen and set(seen) == {2}
 
 
+@pytest.mark.slow
 def test_small_crops_train_the_first_epochs_and_full_size_the_rest(monkeypatch, tmp_path):
     from densenet.training import engine
 
@@ -389,6 +393,7 @@ def test_alternate_flip_shows_every_image_both_ways_in_every_two_epochs():
     assert torch.equal(_flipped_per_epoch("alternate", 1)[0], e0)  # reproducible from the seed
 
 
+@pytest.mark.slow
 def test_alternate_flip_on_unaugmented_data_is_refused(tmp_path, capsys):
     assert main(["train", *TINY, "--epochs", "1", "--augment", "none", "--flip", "alternate", "--eager",
                  "--out", str(tmp_path / "a")]) == 2
@@ -435,6 +440,7 @@ def test_time_paths_drops_a_path_whose_compiler_fails(monkeypatch):
     assert "compiled channels_last" not in chosen.rates and not chosen.compile and len(said) == 1
 
 
+@pytest.mark.slow
 def test_a_long_cpu_run_records_the_timed_paths(monkeypatch, tmp_path):
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
     monkeypatch.setattr(fast, "COMPILE_MIN_STEPS", 1)

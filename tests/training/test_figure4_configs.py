@@ -52,6 +52,7 @@ def test_each_config_loads_and_builds_its_network(path):
     assert sum(p.numel() for p in model.parameters()) > 100_000
 
 
+@pytest.mark.slow  # starts a process
 def test_the_runner_skips_finished_runs_resumes_checkpointed_ones_and_starts_the_rest(tmp_path):
     """scripts/figure4.sh with a stand-in for densenet that records its arguments (no training)."""
     stub = tmp_path / "densenet"

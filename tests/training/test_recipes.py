@@ -18,6 +18,7 @@ def test_there_is_a_recipe_per_row_of_tables_2_and_3():
     assert {f"imagenet-densenet{d}" for d in (121, 169, 201, 264, 161)} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_recipe_builds_its_model(path):
     options = resolve_options(path)

@@ -115,6 +115,7 @@ def test_binary_medmnist_run_selects_on_val_and_tests_once(tmp_path, pneumonia, 
     assert "val AUROC" in report and "test AUROC" in report and f"{results['test']['auroc']:.4f}" in report
 
 
+@pytest.mark.slow
 def test_selection_is_on_validation_and_the_test_split_is_measured_once_on_those_weights(tmp_path, pneumonia,
                                                                                          monkeypatch):
     """Validation AUROC peaks at epoch 1, test AUROC (were it looked at) at epoch 3: epoch 1's weights are kept."""

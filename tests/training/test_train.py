@@ -26,6 +26,7 @@ def rows(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_run_folder_has_everything_and_evaluate_agrees(tmp_path, capsys):
     run = tmp_path / "run"
     assert train("--epochs", 2, "--out", run) == 0
@@ -56,6 +57,7 @@ def test_run_folder_has_everything_and_evaluate_agrees(tmp_path, capsys):
     assert 0 <= result["top5_error"] <= result["top1_error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", [[], ["--schedule", "onecycle", "--label-smoothing", 0.1, "--weight-decay-on",
                                            "weights", "--tta", "flip"]], ids=["step", "onecycle"])
 def test_resume_after_any_epoch_gives_exactly_the_uninterrupted_weights(tmp_path, monkeypatch, schedule):
@@ -126,6 +128,7 @@ def test_bad_input_is_one_line_and_no_run_folder(tmp_path, capsys, args, words):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_and_resume_checks_the_architecture(tmp_path, capsys):
     run = tmp_path / "run"
     assert train("--epochs", 1, "--out", run) == 0
@@ -138,6 +141,7 @@ def test_existing_run_is_not_overwritten_and_resume_checks_the_architecture(tmp_
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
 
 
+@pytest.mark.slow
 def test_init_fine_tunes_with_a_new_classifier_and_refuses_another_architecture(tmp_path, capsys):
     source = create_model("densenet_bc10_k4", num_classes=5, in_chans=1)
     save_weights(source, tmp_path / "five.safetensors", {"model": "densenet_bc10_k4", "classes": list("abcde")})
@@ -151,11 +155,13 @@ def test_init_fine_tunes_with_a_new_classifier_and_refuses_another_architecture(
     assert "does not fit" in capsys.readouterr().err and not (tmp_path / "run2").exists()
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_memory_efficient_train(tmp_path):
     assert train("--epochs", 1, "--amp", "bf16", "--channels-last", "--memory-efficient", "--out", tmp_path / "r") == 0
     assert float(rows(tmp_path / "r")[0]["train_loss"]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("efficient", [False, True])
 def test_memory_efficient_runs_evaluate_at_the_training_batch_size(efficient, monkeypatch, tmp_path):
     # Evaluation batches are twice the training batch, except where the user asked for less memory: there
@@ -198,6 +204,7 @@ def test_streamed_folder_training(tmp_path):
     assert meta["classes"] == ["cat", "dog"] and meta["input_size"] == 16 and meta["dataset"] == "folder"
 
 
+@pytest.mark.slow
 def test_svhn_reports_the_test_error_of_the_lowest_validation_error_epoch(tmp_path, capsys):
     from tests.data import formats
 
