@@ -225,14 +225,10 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
     loss_sum = top1 = top5 = seen = 0.0
     start = time.perf_counter()
     for x, y in batches.epoch(0):
-        crops = x.shape[1] if x.dim() == 5 and not volumes else 0
-        if tta != "none":
-            x = tta_views(x, tta, batches.padding_value)
-            crops = x.shape[1]
+        x, views = _views(x, batches, tta, volumes)
         with autocast(device, amp):
-            if crops:
-                probs = sum(forward(batches._finish(x[:, v])).float().softmax(-1) for v in range(crops))
-                logits = (probs / crops).log()
+            if views:
+                logits = _view_average(x, views, batches, forward, lambda z: z.float().softmax(-1)).log()
             else:
                 logits = forward(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -246,6 +242,22 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
     return Stats(loss_sum / n, 100.0 * (1 - top1 / n), 100.0 * (1 - top5 / n), int(seen), time.perf_counter() - start)
 
 
+def _views(x: torch.Tensor, batches: Batches, tta: str, volumes: bool) -> tuple[torch.Tensor, int]:
+    """The batch as views to average (B, V, C, H, W) and their count V: ten crops as they come, or the views of
+    ``tta``; (x, 0) for a batch that is one view (a 5D batch of volumes is not views)."""
+    views = x.shape[1] if x.dim() == 5 and not volumes else 0
+    if tta != "none":
+        x = tta_views(x, tta, batches.padding_value)
+        views = x.shape[1]
+    return x, views
+
+
+def _view_average(x: torch.Tensor, views: int, batches: Batches, forward: Callable, probabilities: Callable
+                  ) -> torch.Tensor:
+    """The probabilities (softmax or sigmoid) averaged over the views, one view of the whole batch per call."""
+    return sum(probabilities(forward(batches._finish(x[:, v]))) for v in range(views)) / views
+
+
 def _evaluate_sigmoid(batches: Batches, device: torch.device, info: Dist, amp: str, forward: Callable,
                       tta: str, task: Task, volumes: bool, threshold) -> Stats:
     """``evaluate`` for binary and multilabel tasks: every probability kept, measured once at the end."""
@@ -254,13 +266,10 @@ def _evaluate_sigmoid(batches: Batches, device: torch.device, info: Dist, amp: s
     start = time.perf_counter()
     all_probs, all_targets = [], []
     for x, y in batches.epoch(0):
-        crops = x.shape[1] if x.dim() == 5 and not volumes else 0
-        if tta != "none":
-            x = tta_views(x, tta, batches.padding_value)
-            crops = x.shape[1]
+        x, views = _views(x, batches, tta, volumes)
         with autocast(device, amp):
-            if crops:
-                probs = sum(task.probabilities(forward(batches._finish(x[:, v]))) for v in range(crops)) / crops
+            if views:
+                probs = _view_average(x, views, batches, forward, task.probabilities)
             else:
                 probs = task.probabilities(forward(x))
         all_probs.append(probs.float().cpu())
