@@ -195,3 +195,36 @@ def test_config_rebuilds_the_same_network():
     rebuilt = densenet.DenseNet(**model.config)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     assert rebuilt.config == model.config
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_strided_stem_halves_the_side_and_is_counted(spatial_dims):
+    """stem="strided": one 3x3 convolution of stride 2; the same parameters as the CIFAR stem, the first block at
+    half the side (feature_info's reductions 2, 4, 8), and complexity.config_macs equal to torch's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from densenet.analysis.complexity import config_macs
+
+    strided = densenet.create_model("densenet_bc22_k6", stem="strided", in_chans=1, spatial_dims=spatial_dims)
+    cifar = densenet.create_model("densenet_bc22_k6", in_chans=1, spatial_dims=spatial_dims)
+    assert strided.features.conv0.stride == (2,) * spatial_dims
+    assert [p.shape for p in strided.parameters()] == [p.shape for p in cifar.parameters()]
+    assert [info["reduction"] for info in strided.feature_info] == [2, 4, 8]
+    x = torch.randn(2, 1, *[14] * spatial_dims)
+    assert strided.forward_intermediates(x)[0].shape[2:] == (7,) * spatial_dims
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        strided.eval()(x[:1])
+    assert config_macs(strided.config, 14) == counter.get_total_flops() // 2
+    assert config_macs(strided.config, 14) < config_macs(cifar.config, 14) / 4
+
+
+def test_strided_stem_matches_torchvision_with_a_strided_first_convolution():
+    from densenet.models.compat import torchvision_reference
+
+    ours = densenet.create_model("densenet_bc22_k6", stem="strided").eval()
+    reference = torchvision_reference(ours).eval()
+    assert reference.features.conv0.stride == (2, 2)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-5)

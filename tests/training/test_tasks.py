@@ -295,3 +295,20 @@ def test_result_columns_follow_metric_keys_and_multiclass_columns_are_unchanged(
     best = tasks.chosen(best, {"epoch": 1, "val_auroc": 0.5})
     assert not tasks.improved(best, {"epoch": 2, "val_auroc": float("nan")})
     assert not tasks.improved(best, {"epoch": 2, "val_auroc": 0.4}) and best["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_stem_option_builds_the_run_with_that_stem_and_predict_rebuilds_it(tmp_path, capsys):
+    """--stem strided is the run's model (config.yaml, the weights' config) and the weights rebuild it."""
+    from densenet.models.weights import load_weights
+
+    formats.write_medmnist(tmp_path / "adrenalmnist3d.npz", image_shape=(8, 8, 8))
+    code = train("--dataset", "medmnist", "--data-dir", tmp_path / "adrenalmnist3d.npz", "--epochs", 1,
+                 "--model", "densenet_bc10_k4", "--stem", "strided", "--out", tmp_path / "r")
+    assert code == 0, capsys.readouterr().err
+    assert read_metadata(tmp_path / "r" / "model.safetensors")["config"]["stem"] == "strided"
+    assert "stem: strided" in (tmp_path / "r" / "config.yaml").read_text()
+    model, _ = load_weights(tmp_path / "r")
+    assert model.features.conv0.stride == (2, 2, 2)
+    assert train("--model", "resnet20_cifar", "--stem", "strided", "--out", tmp_path / "x") == 2
+    assert "--stem changes a DenseNet's first layers" in capsys.readouterr().err

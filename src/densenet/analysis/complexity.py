@@ -43,6 +43,8 @@ def _layers(config: Mapping[str, Any], input_size: int):
         yield channels, None, 0, 0
         size = (size + 2 * 1 - 3) // 2 + 1  # 3x3 max-pool, stride 2, padding 1
     else:
+        if config.get("stem") == "strided":
+            size = (size + 2 * 1 - 3) // 2 + 1  # 3x3 convolution, stride 2, padding 1
         yield in_chans, channels, 3, size
     blocks = list(config["block_config"])
     for i, num_layers in enumerate(blocks):

@@ -61,8 +61,9 @@ def torchvision_reference(model: nn.Module, memory_efficient: bool = False) -> n
         growth_rate=cfg["growth_rate"], block_config=tuple(cfg["block_config"]),
         num_init_features=cfg["num_init_features"], bn_size=cfg["bottleneck_width"],
         num_classes=cfg["num_classes"] or 1000, memory_efficient=memory_efficient)
-    if cfg["stem"] == "cifar":
-        reference.features.conv0 = nn.Conv2d(cfg["in_chans"], cfg["num_init_features"], 3, padding=1, bias=False)
+    if cfg["stem"] in ("cifar", "strided"):
+        reference.features.conv0 = nn.Conv2d(cfg["in_chans"], cfg["num_init_features"], 3, padding=1, bias=False,
+                                             stride=2 if cfg["stem"] == "strided" else 1)
         del reference.features.norm0, reference.features.relu0, reference.features.pool0
     elif cfg["in_chans"] != 3:
         raise ConfigError("the torchvision reference takes 3 input channels; drop --in-chans")

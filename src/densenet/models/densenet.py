@@ -49,7 +49,7 @@ from densenet.errors import ConfigError, DenseNetError
 from densenet.models.concat_free import concat_free_block_forward
 from densenet.models.efficient import efficient_block_forward
 
-StemKind = Literal["cifar", "imagenet"]
+StemKind = Literal["cifar", "imagenet", "strided"]
 BlockImpl = Literal["plain", "concat_free", "efficient"]
 BLOCK_IMPLS: tuple[BlockImpl, ...] = ("plain", "concat_free", "efficient")
 
@@ -243,7 +243,10 @@ class DenseNet(nn.Module):
         bottleneck_width: the 1x1 convolution outputs bottleneck_width*k maps (4 in the paper);
             None or 0 for the basic layer.
         compression: theta in (0, 1]; a transition outputs floor(theta*m) of its m input maps.
-        stem: "cifar" (one 3x3 convolution, nothing after it) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
+        stem: "cifar" (one 3x3 convolution, nothing after it), "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool)
+            or "strided" (one 3x3 convolution of stride 2, nothing after it: the first block at half the input's
+            side, for small volumes such as MedMNIST's 28^3, where the CIFAR stem's full-size first block costs
+            8x more in 3D and the ImageNet stem's quarter size keeps 7^3 voxels).
         in_chans, num_classes: input channels and classifier outputs (0 for no classifier).
         drop_rate: dropout after every convolution but the first (the paper's 0.2 without augmentation).
         block_impl: how each dense block computes its output: "plain" (default), "concat_free" or
@@ -294,8 +297,10 @@ class DenseNet(nn.Module):
             features.add_module("pool0", ops.max_pool(kernel_size=3, stride=2, padding=1))
             reduction = 4
         else:
-            features.add_module("conv0", ops.conv(in_chans, num_init_features, 3, stride=1, padding=1, bias=False))
-            reduction = 1
+            stride = 2 if stem == "strided" else 1
+            features.add_module("conv0", ops.conv(in_chans, num_init_features, 3, stride=stride, padding=1,
+                                                  bias=False))
+            reduction = stride
 
         self.feature_info: list[dict] = []
         channels = num_init_features
@@ -411,8 +416,8 @@ def _validate(growth_rate, block_config, num_init_features, bottleneck_width, co
     if not (isinstance(compression, int | float) and 0 < compression <= 1):
         raise ConfigError(f"compression must be in (0, 1] (1 = none, the paper's DenseNet-C uses 0.5), "
                           f"got {compression!r}")
-    if stem not in ("cifar", "imagenet"):
-        raise ConfigError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+    if stem not in ("cifar", "imagenet", "strided"):
+        raise ConfigError(f"stem must be 'cifar', 'imagenet' or 'strided', got {stem!r}")
     if in_chans <= 0:
         raise ConfigError(f"in_chans must be positive, got {in_chans!r}")
     if num_classes < 0:

@@ -150,6 +150,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     return dict(growth_rate=int(growth), block_config=[layers[i] for i in sorted(layers)],
                 num_init_features=int(conv0.shape[0]),
                 bottleneck_width=int(conv1.shape[0] // growth) if conv1 is not None else None,
+                # a "strided" stem's 3x3 kernel looks like the CIFAR stem's: only metadata tells them apart
                 compression=compression, stem="imagenet" if conv0.shape[-1] == 7 else "cifar",
                 in_chans=int(conv0.shape[1]), num_classes=int(classifier.shape[0]) if classifier is not None else 0,
                 drop_rate=0.0, spatial_dims=int(conv0.dim() - 2))

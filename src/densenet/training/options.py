@@ -27,6 +27,7 @@ import yaml
 
 from densenet.data.registry import DATASETS, dataset_record
 from densenet.errors import ConfigError
+from densenet.models import resnet
 
 # The data sets read from a folder (--data-dir naming a file is a mistake); medmnist and csv take a file.
 FOLDER_DATA = ("cifar10", "cifar100", "svhn", "imagenet", "folder")
@@ -72,6 +73,10 @@ class TrainOptions:
         "flip averages the probabilities (softmax or sigmoid) of each image and its mirror image; flip-shift "
         "also of both moved one pixel down-right and up-left (6 views; default none)")
     drop_rate: float | None = option(None, "dropout after each convolution (paper: 0.2 without augmentation)")
+    stem: Literal["cifar", "imagenet", "strided"] | None = option(None, "the network's first layers instead of "
+        "the model's own: cifar (3x3 convolution), imagenet (7x7/2 convolution, BN, ReLU, 3x3/2 max-pool) or strided "
+        "(3x3 convolution of stride 2: small volumes such as MedMNIST 3D's 28^3 at an eighth of the cifar stem's "
+        "cost); DenseNets only")
     augment: Literal["standard", "none"] | None = option(None, "standard: the paper's (pad-crop-flip; ImageNet: "
                                                          "fb.resnet.torch); default by data set")
     crop_padding: int = option(4, "standard augmentation of in-memory sets: zero padding before the random crop "
@@ -163,11 +168,14 @@ class TrainOptions:
             raise ConfigError("--small-crop-epochs needs --small-crop SIZE")
         if self.input_size is not None:
             _positive("input-size", self.input_size, int)
+        if self.stem is not None and resnet.is_resnet(self.model):
+            raise ConfigError(f"--stem changes a DenseNet's first layers; {self.model} is a comparison ResNet "
+                              f"(pytorchcv's, fixed): drop --stem")
         if self.data_dir and self.dataset in FOLDER_DATA and Path(self.data_dir).is_file():
             raise ConfigError(f"--data-dir {self.data_dir} is a file, not a folder: {self.dataset} is read from a "
                               f"folder (unpack an archive first and give its folder)")
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and not (getattr(self, name) is None and name in OPTIONAL):
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                   f"not {getattr(self, name)!r}")
         if not 0 <= self.warmup < 1:
@@ -202,6 +210,7 @@ def _base(hint: Any) -> Any:
 # option -> its allowed values, from the Literal annotations
 CHOICES = {name: typing.get_args(_base(hint)) for name, hint in _TYPES.items()
            if typing.get_origin(_base(hint)) is Literal}
+OPTIONAL = {name for name, hint in _TYPES.items() if type(None) in typing.get_args(hint)}  # None: "the default"
 _FLOAT_FIELDS = [name for name, hint in _TYPES.items() if _base(hint) is float]  # YAML may give them as strings
 FLAGS = [f.name for f in dataclasses.fields(TrainOptions) if f.metadata.get("flag", True)]
 

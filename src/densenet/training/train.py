@@ -46,8 +46,9 @@ def _resolve_device(options: TrainOptions) -> torch.device:
 
 
 def _build_model(options: TrainOptions, data: Data) -> torch.nn.Module:
+    stem = {"stem": options.stem} if options.stem else {}
     model = create_model(options.model, **tasks.model_shape(data), drop_rate=options.drop_rate,
-                         memory_efficient=options.memory_efficient)
+                         memory_efficient=options.memory_efficient, **stem)
     if options.init:
         from densenet.models.weights import load_into, read_state_dict
 
