@@ -2,11 +2,15 @@
 
     densenet explain runs/pneumonia xray1.png xray2.png --out heatmaps --sheet     # CAM of the predicted label
     densenet explain runs/miml photos/ --out maps --method gradcam --layer denseblock3 --label sea
+    densenet explain runs/adrenal case1.npy scans/ --out maps     # a 3D model: .npy volumes, drawn as slices
 
 Writes DIR/NAME.METHOD.png per image (the image with the map over it, titled with the label and its
-probability) and, with --sheet, DIR/sheet.METHOD.png (every image in a grid). Weights and images are read as
-``densenet predict`` reads them (the weights' metadata gives the input size, channels and normalisation). The
-work, and what CAM and Grad-CAM compute, is ``densenet.analysis.explain``.
+probability; a volume as a grid of slices) and, with --sheet, DIR/sheet.METHOD.png (every image in a grid; a
+volume by its slice of highest score). Weights, images and volumes are read as ``densenet predict`` reads them
+(the weights' metadata gives the input size, channels, normalisation and whether the model takes 2D images or
+.npy volumes; a folder is searched for the one or the other). A file the model cannot take (a .npy file for a
+2D model, an image for a 3D one, a volume of another shape or value range) stops the command with one line
+naming it. The work, and what CAM and Grad-CAM compute, is ``densenet.analysis.explain``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import torch
 
 from densenet.analysis.explain import METHODS, explain, task_from_metadata
-from densenet.deploy.predict import Preprocess, find_images
+from densenet.deploy.predict import Preprocess, check_inputs, find_images, takes_volumes
 from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
 from densenet.files import check_outputs
@@ -28,7 +32,8 @@ from densenet.files import check_outputs
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth), a run folder, or a "
                         "model name with published ImageNet weights (densenet121, ...)")
-    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively); for a model "
+                        "trained on volumes, .npy files and folders searched for *.npy")
     parser.add_argument("--out", required=True, help="folder for the PNGs (created if needed)")
     parser.add_argument("--method", choices=METHODS, default="cam",
                         help="cam (default): exact for the global-pooling + linear head, from the last maps; "
@@ -54,15 +59,16 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise DenseNetError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    images = find_images(args.images)  # every path checked before the model is loaded
+    check_inputs(args.images)  # every path checked before the model is loaded
+    model, metadata = load_weights(args.weights)
+    images = find_images(args.images, volumes=takes_volumes(metadata))  # folders: images, or a 3D model's .npy
+    preprocess = Preprocess.from_metadata(metadata)
     out = Path(args.out)  # NAME.METHOD.png per image (made unique) and the sheet: never over an input or run file
     outputs = [("--out", out / f"{stem}.{args.method}.png") for stem in dict.fromkeys(p.stem for p in images)]
     check_outputs(outputs + ([("--out", out / f"sheet.{args.method}.png")] if args.sheet else []),
                   inputs=[*weights_files(args.weights), *images], own=[f"*.{args.method}.png"],
                   command="densenet explain")
-    model, metadata = load_weights(args.weights)
     model = model.to(device)
-    preprocess = Preprocess.from_metadata(metadata)
     truths = None
     if args.truth_from_folder:
         names = task_from_metadata(metadata, int(metadata["config"]["num_classes"])).names
@@ -74,7 +80,14 @@ def run(args: argparse.Namespace) -> int:
 
     def batches() -> Iterator[torch.Tensor]:  # decoded a batch at a time, as predict does
         for start in range(0, len(images), args.batch_size):
-            yield torch.stack([preprocess(p) for p in images[start:start + args.batch_size]]).to(device)
+            batch = images[start:start + args.batch_size]
+            tensors = [preprocess(p) for p in batch]
+            for path, tensor in zip(batch, tensors, strict=True):  # volumes kept at their size (no input_size)
+                if tensor.shape != tensors[0].shape:
+                    raise DenseNetError(f"cannot read volume {path}: it is {tuple(tensor.shape[1:])}, "
+                                        f"{batch[0]} {tuple(tensors[0].shape[1:])}; weights without an input "
+                                        f"size take volumes of one shape")
+            yield torch.stack(tensors).to(device)
 
     written = explain(model, batches(), Path(args.out), metadata, args.method, args.layer, args.label,
                       names=[str(p) for p in images], true_labels=truths, sheet=args.sheet,

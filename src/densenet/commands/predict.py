@@ -1,10 +1,12 @@
-"""``densenet predict WEIGHTS_OR_RUN_DIR IMAGE_OR_FOLDER...``: the top-k classes of image files.
+"""``densenet predict WEIGHTS_OR_RUN_DIR IMAGE_OR_FOLDER...``: the top-k classes of image files or volumes.
 
     densenet predict runs/digits my_digit.png             # top 5 classes with probabilities
     densenet predict model.safetensors photos/ --top-k 1 --json
+    densenet predict runs/adrenal case1.npy scans/        # a 3D model: .npy volumes, and a folder's *.npy
 
-The work is ``densenet.deploy.predict.predict``; its docstring says how images are prepared. Every readable image
-gets its result; the unreadable ones are listed at the end, one line each on stderr, and the exit status is then 1.
+The work is ``densenet.deploy.predict.predict``; its docstring says how images and volumes are prepared. Every
+readable file gets its result; the unreadable ones (a .npy file for a 2D model, an image for a 3D one, a volume
+of another shape or value range) are listed at the end, one line each on stderr, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import sys
 
 from densenet.commands.metadata import HOW, add_metadata_arguments, metadata_from_args
-from densenet.deploy.predict import SAID, assumptions, find_images, predict
+from densenet.deploy.predict import SAID, assumptions, check_inputs, find_images, predict, takes_volumes
 from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
 from densenet.inference.engines import CHOICES
@@ -24,7 +26,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", help="a weights file (.safetensors, torchvision/timm .pth), a run folder, or a "
                         "model name with published ImageNet weights (densenet121, densenet161, densenet169, "
                         "densenet201)")
-    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively); for a model "
+                        "trained on volumes, .npy files and folders searched for *.npy")
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image and line")
     parser.add_argument("--device", default="auto", help="auto (default: cuda when there is one), cpu, cuda, cuda:N")
@@ -47,10 +50,11 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise DenseNetError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    images = find_images(args.images)  # every path checked before the model is loaded
+    check_inputs(args.images)  # every path checked before the model is loaded
     attached = metadata_from_args(args)
     model, metadata = load_weights(args.weights)
     metadata = {**metadata, **attached}
+    images = find_images(args.images, volumes=takes_volumes(metadata))  # folders: images, or a 3D model's .npy
     say = lambda line: print(f"densenet predict: {line}", file=sys.stderr)  # noqa: E731 - stdout stays the results
     assumed = assumptions(metadata)
     if assumed:

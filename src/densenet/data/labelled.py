@@ -285,19 +285,9 @@ def _load_volumes(table: Path, paths: list[Path], numbers: list[int], size: int 
     first_shape = None
     for number, path in zip(numbers, paths, strict=True):
         try:
-            volume = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise ConfigError(f"{table} row {number}: cannot read {path} as a .npy array ({exc})") from exc
-        if volume.ndim == 4 and volume.shape[0] == 1:
-            volume = volume[0]
-        if volume.ndim != 3 or 0 in volume.shape:
-            raise ConfigError(f"{table} row {number}: {path} has shape {volume.shape}; a volume is (D, H, W) "
-                              f"or (1, D, H, W)")
-        volume = _to_uint8(table, number, path, volume)
-        if size is not None and volume.shape != (size,) * 3:
-            scaled = torch.nn.functional.interpolate(torch.from_numpy(volume)[None, None].float(), size=(size,) * 3,
-                                                     mode="trilinear", align_corners=False)
-            volume = scaled[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+            volume = read_volume(path, size)
+        except ConfigError as exc:
+            raise ConfigError(f"{table} row {number}: {exc}") from None
         first_shape = first_shape or volume.shape
         if volume.shape != first_shape:
             raise ConfigError(f"{table} row {number}: {path} is {volume.shape}, the first volume {first_shape}; "
@@ -306,12 +296,44 @@ def _load_volumes(table: Path, paths: list[Path], numbers: list[int], size: int 
     return np.stack(out)[:, None]
 
 
-def _to_uint8(table: Path, number: int, path: Path, volume: np.ndarray) -> np.ndarray:
+NPY_MAGIC = b"\x93NUMPY"
+VOLUME_FORMS = "(D, H, W) or (1, D, H, W), uint8 0..255 or floating point 0..1"
+
+
+def read_volume(path: str | Path, size: int | None = None) -> np.ndarray:
+    """One .npy volume as training holds it: (D, H, W) uint8, resized (trilinear, rounded) to a ``size`` cube
+    when ``size`` is given and the volume is not one. Accepted: (D, H, W) or (1, D, H, W), uint8 0..255 or
+    floating point 0..1 (stored as round(255 v)). Anything else is a ConfigError naming the file.
+    ``densenet predict`` and ``densenet explain`` read a user's volumes with it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+        if head != NPY_MAGIC:
+            raise ValueError("no NumPy .npy header" + ("; a .npz archive holds several arrays"
+                                                      if head.startswith(b"PK") else ""))
+        volume = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"cannot read {path} as a .npy array ({exc})") from exc
+    if volume.ndim == 4 and volume.shape[0] == 1:
+        volume = volume[0]
+    if volume.ndim != 3 or 0 in volume.shape:
+        raise ConfigError(f"{path} has shape {volume.shape}; a volume is (D, H, W) or (1, D, H, W)")
+    volume = _to_uint8(path, volume)
+    if size is not None and volume.shape != (size,) * 3:
+        scaled = torch.nn.functional.interpolate(torch.from_numpy(volume)[None, None].float(), size=(size,) * 3,
+                                                 mode="trilinear", align_corners=False)
+        volume = scaled[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+    return volume
+
+
+def _to_uint8(path: Path, volume: np.ndarray) -> np.ndarray:
     if volume.dtype == np.uint8:
         return volume
+    numeric = np.issubdtype(volume.dtype, np.number) or volume.dtype == np.bool_
     if np.issubdtype(volume.dtype, np.floating) and np.all(np.isfinite(volume)) and volume.min() >= 0 \
             and volume.max() <= 1:
         return np.rint(volume * 255.0).astype(np.uint8)
-    raise ConfigError(f"{table} row {number}: {path} holds {volume.dtype} values from {volume.min()} to "
-                      f"{volume.max()}; volumes are uint8 0..255 or floating point 0..1 (rescale first, e.g. a "
-                      f"CT window)")
+    values = f" values from {volume.min()} to {volume.max()}" if numeric else " values"
+    raise ConfigError(f"{path} holds {volume.dtype}{values}; volumes are uint8 0..255 or floating point 0..1 "
+                      f"(rescale first, e.g. a CT window)")

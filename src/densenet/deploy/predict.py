@@ -1,8 +1,9 @@
-"""``densenet predict WEIGHTS_OR_RUN_DIR IMAGE_OR_FOLDER...``: the top-k classes of image files.
+"""``densenet predict WEIGHTS_OR_RUN_DIR IMAGE_OR_FOLDER...``: the top-k classes of image files or volumes.
 
     densenet predict runs/digits my_digit.png             # top 5 classes with probabilities
     densenet predict model.safetensors photos/ --top-k 1 --json
     densenet predict densenet121 photo.jpg                # torchvision's ImageNet weights, cached by torch.hub
+    densenet predict runs/adrenal case1.npy scans/        # a 3D model: .npy volumes (a folder: its *.npy)
 
 Everything comes from the weights file's metadata: the class names, the input size, the channels
 (a grayscale model gets grayscale images), the normalisation, and the evaluation preprocessing of the
@@ -16,6 +17,15 @@ Any common image file works (grayscale, RGBA, palette, CMYK, 16-bit are converte
 file does not cost the others their results: it is yielded as a ``Prediction`` with its ``error`` and no classes.
 Weights without metadata are predicted with the assumptions ``assumptions`` states (no normalisation, class
 indices as names), which ``densenet predict`` says once.
+
+**Volumes.** A model trained on volumes (``spatial_dims`` 3 in the weights' config: MedMNIST 3D, a CSV of .npy
+volumes) takes ``.npy`` files, read by the training loader's own reader (``densenet.data.labelled.read_volume``):
+(D, H, W) or (1, D, H, W), uint8 0..255 or floating point 0..1 (stored as round(255 v)), resized trilinearly to
+an input_size cube when not one (as evaluation loads a CSV set: ``input_size`` from the metadata; weights without
+it keep each volume's shape), then / 255, minus the metadata's mean, over its std (``augment.normalize``), as one
+channel: (1, D, H, W). A 2D model refuses .npy files and a 3D model image files, and a volume of another shape
+or value range is refused, each as a broken image is (one line naming the file and what is expected). A folder
+is searched for image files for a 2D model, for ``*.npy`` for a 3D one.
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from densenet.data.augment import normalize
 from densenet.data.images import IMAGE_EXTENSIONS, load_image
+from densenet.data.labelled import VOLUME_FORMS, read_volume
 from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
 from densenet.files import printable
@@ -37,18 +49,26 @@ from densenet.files import printable
 
 @dataclass(frozen=True)
 class Preprocess:
-    """An image file -> the (C, H, W) float tensor the model was evaluated on."""
+    """An image file -> the (C, H, W) float tensor the model was evaluated on; for a 3D model, a .npy volume ->
+    (1, D, H, W)."""
 
-    input_size: int
+    input_size: int | None  # None only for a 3D model whose weights do not say: volumes keep their shape
     mean: tuple[float, ...]
     std: tuple[float, ...]
     grayscale: bool
     centre_crop: bool  # ImageNet style (resize 256/224, centre crop) rather than a plain resize
+    spatial_dims: int = 2  # 3: .npy volumes
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> Preprocess:
         config = metadata["config"]
         channels = int(config.get("in_chans", 3))
+        spatial_dims = int(config.get("spatial_dims", 2))
+        if spatial_dims not in (2, 3):
+            raise DenseNetError(f"this model takes {spatial_dims}D inputs; predict reads 2D images and 3D volumes")
+        if spatial_dims == 3 and channels != 1:
+            raise DenseNetError(f"this 3D model takes {channels}-channel volumes; .npy volumes are read as one "
+                                f"channel ({VOLUME_FORMS}), as training reads them")
         size = int(metadata.get("input_size") or (224 if config.get("stem") == "imagenet" else 32))
         mean = list(metadata.get("mean") or [0.0] * channels)
         std = list(metadata.get("std") or [1.0] * channels)
@@ -59,9 +79,18 @@ class Preprocess:
         dataset = str(metadata.get("dataset") or "")
         record = DATASETS.get(dataset)  # how that data set's evaluation preprocesses; unknown: as image folders
         crop = record.preprocess == "crop" if record else (dataset != "" or config.get("stem") == "imagenet")
-        return cls(size, tuple(map(float, mean)), tuple(map(float, std)), channels == 1, crop)
+        if spatial_dims == 3:
+            size = int(metadata["input_size"]) if metadata.get("input_size") else None
+            crop = False
+        return cls(size, tuple(map(float, mean)), tuple(map(float, std)), channels == 1, crop, spatial_dims)
 
     def __call__(self, path: str | Path) -> Tensor:
+        if self.spatial_dims == 3:
+            return self.volume(path)
+        if Path(path).suffix.lower() == ".npy":
+            raise DenseNetError(f"cannot read image {printable(path)}: a .npy array, and this model takes 2D images "
+                                f"({', '.join(IMAGE_EXTENSIONS[:4])}, ...); .npy volumes are for models trained "
+                                f"on volumes (spatial_dims 3)")
         image = load_image(path, mode="L" if self.grayscale else "RGB")
         if self.centre_crop:
             from densenet.data.folders import eval_transform
@@ -74,6 +103,14 @@ class Preprocess:
         mean = torch.tensor(self.mean).view(-1, 1, 1)
         std = torch.tensor(self.std).view(-1, 1, 1)
         return (pixels.float() / 255.0 - mean) / std
+
+    def volume(self, path: str | Path) -> Tensor:
+        """A .npy volume -> (1, D, H, W), as evaluation loads and normalises the training set's volumes."""
+        if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+            raise DenseNetError(f"cannot read volume {printable(path)}: an image file, and this model takes 3D "
+                                f"volumes as .npy files ({VOLUME_FORMS})")
+        volume = read_volume(path, self.input_size)  # (D, H, W) uint8, an input_size cube; errors name the file
+        return normalize(torch.from_numpy(volume)[None, None], self.mean, self.std)[0]
 
 
 @dataclass
@@ -114,28 +151,43 @@ def assumptions(metadata: dict[str, Any]) -> str | None:
     words = []
     if "mean" in missing or "std" in missing:
         words.append(f"no normalisation (pixels / 255, mean {list(preprocess.mean)}, std {list(preprocess.std)})")
-    if "input_size" in missing:
+    if "input_size" in missing and preprocess.spatial_dims == 3:
+        words.append("each volume at its own size")
+    elif "input_size" in missing:
         words.append(f"{'a centre crop' if preprocess.centre_crop else 'a plain resize'} to {side}x{side}")
     if "classes" in missing:
         words.append("class indices as names")
     return ", ".join(words)
 
 
-def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """The files given, and the image files (by extension) anywhere under the folders given, in order."""
+def check_inputs(inputs: Sequence[str | Path]) -> None:
+    """Every file or folder given exists (checked before a model is loaded to learn what its folders hold)."""
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise DenseNetError(f"cannot read image {printable(item)}: no such file or folder")
+
+
+def find_images(inputs: Sequence[str | Path], volumes: bool = False) -> list[Path]:
+    """The files given, and the image files (by extension) anywhere under the folders given, in order;
+    ``volumes`` (a 3D model): the .npy files under the folders instead."""
+    check_inputs(inputs)
+    extensions, kind = ((".npy",), ".npy volumes") if volumes else \
+        (IMAGE_EXTENSIONS, f"image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
             if not files:
-                raise DenseNetError(f"folder {printable(item)} holds no image files "
-                                    f"({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+                raise DenseNetError(f"folder {printable(item)} holds no {kind}")
             found += files
-        elif item.exists():
-            found.append(item)  # named explicitly: tried whatever its extension (load_image says if it is no image)
         else:
-            raise DenseNetError(f"cannot read image {printable(item)}: no such file or folder")
+            found.append(item)  # named explicitly: tried whatever its extension (the reader says if it is no image)
     return found
+
+
+def takes_volumes(metadata: dict[str, Any]) -> bool:
+    """Whether the weights are a 3D model's, which reads .npy volumes (``spatial_dims`` 3 in their config)."""
+    return int(metadata.get("config", {}).get("spatial_dims", 2)) == 3
 
 
 def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[str | Path], top_k: int = 5,
@@ -165,11 +217,17 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
     cutoffs = _thresholds(task, metadata, threshold)
     model = model.to(device).eval()
     forward = None
+    shape = None  # the first input's: volumes kept at their own size (no input_size) must share it to batch
     for start in range(0, len(images), batch_size):
         paths, tensors = [], []
         for path in images[start:start + batch_size]:
             try:
-                tensors.append(preprocess(path))
+                tensor = preprocess(path)
+                shape = shape or tuple(tensor.shape[1:])
+                if tuple(tensor.shape[1:]) != shape:
+                    raise DenseNetError(f"cannot read volume {printable(path)}: it is {tuple(tensor.shape[1:])}, "
+                                        f"the first {shape}; give --input-size N to resize them all to N^3")
+                tensors.append(tensor)
                 paths.append(path)
             except DenseNetError as exc:  # the others keep their results; the caller lists the unreadable ones
                 yield Prediction(printable(path), [], error=str(exc))
