@@ -24,11 +24,12 @@ def _input(n, spatial_dims=2, dtype=torch.float64):
     return torch.randn(n, 3, *([SIDE[spatial_dims]] * spatial_dims), dtype=dtype)
 
 
-def _pair(impl, bottleneck=True, drop_rate=0.0, dtype=torch.float64, block_config=(3, 2), spatial_dims=2):
+def _pair(impl, bottleneck=True, drop_rate=0.0, dtype=torch.float64, block_config=(3, 2), spatial_dims=2,
+          stem="cifar"):
     """The plain model and a copy running ``impl``, with non-trivial BN parameters (a wrong scale or shift shows)."""
     torch.manual_seed(0)
     plain = DenseNet(growth_rate=4, block_config=block_config, bottleneck_width=4 if bottleneck else None,
-                     stem="cifar", num_classes=5, drop_rate=drop_rate, spatial_dims=spatial_dims).to(dtype)
+                     stem=stem, num_classes=5, drop_rate=drop_rate, spatial_dims=spatial_dims).to(dtype)
     with torch.no_grad():
         for m in plain.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -76,6 +77,49 @@ def test_sgd_steps_equal_plain_in_float64(impl, bottleneck, drop_rate, spatial_d
         if name.endswith("num_batches_tracked"):
             assert int(b) == 3, name
     torch.testing.assert_close(other.state_dict(), plain.state_dict())
+
+
+# The ImageNet stem (7^d/2 conv, BN-ReLU, 3^d/2 max-pool) on tiny odd sides: a last max-pool window cut by
+# the border, and transitions whose average pool drops an odd side's last row (1D: 37 -> 19 -> 10 -> 5 -> 2;
+# 2D: 19 -> 10 -> 5 -> 2 -> 1; 3D: 21 -> 11 -> 6 -> 3 -> 1).
+IMAGENET_SIDE = {1: 37, 2: 19, 3: 21}
+
+
+@pytest.mark.parametrize("impl", OTHERS)
+@pytest.mark.parametrize("part_bytes", [1, 1 << 30], ids=["one_sample", "whole_batch"])
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3], ids=["1d", "2d", "3d"])
+def test_imagenet_stem_and_transitions_equal_plain_in_float64(impl, part_bytes, spatial_dims, monkeypatch):
+    # In the efficient mode the stem's BN-ReLU-max-pool and each transition run as memory-efficient steps
+    # (efficient_stem.py) that recompute BN-ReLU in the backward pass, one sample at a time or the whole batch
+    # at once: loss, input and parameter gradients, and every BN buffer (num_batches_tracked: one update per
+    # forward) over three SGD steps, dropout in the transitions included.
+    from densenet.models import efficient_stem
+
+    monkeypatch.setattr(efficient_stem, "_PART_BYTES", part_bytes)
+    fused = []
+    for name in ("_Stem", "_Transition"):
+        cls = getattr(efficient_stem, name)
+        monkeypatch.setattr(cls, "apply", staticmethod(lambda *a, real=cls.apply, name=name: fused.append(name)
+                                                       or real(*a)))
+    plain, other = _pair(impl, drop_rate=0.2, block_config=(2, 2, 1), spatial_dims=spatial_dims, stem="imagenet")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, other)]
+    for step in range(3):
+        x = torch.randn(3, 3, *([IMAGENET_SIDE[spatial_dims]] * spatial_dims), dtype=torch.float64)
+        y = torch.randint(0, 5, (3,))
+        loss_a, grad_a = _step(plain, x, y, step)
+        loss_b, grad_b = _step(other, x, y, step)
+        torch.testing.assert_close(loss_b, loss_a)
+        torch.testing.assert_close(grad_b, grad_a)
+        _assert_grads_equal(plain, other)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(plain.named_buffers(), other.buffers(), strict=True):
+        torch.testing.assert_close(b, a, msg=lambda m, name=name: f"{name}: {m}")
+        if name.endswith("num_batches_tracked"):
+            assert int(b) == 3, name
+    torch.testing.assert_close(other.state_dict(), plain.state_dict())
+    assert fused == ([] if impl != "efficient" else ["_Stem", "_Transition", "_Transition"] * 3)
 
 
 @pytest.mark.parametrize("impl", OTHERS)

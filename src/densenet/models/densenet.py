@@ -21,7 +21,9 @@ running statistics and state dict (tests/models/test_block_impl.py, float64, aga
   over two SGD steps of DenseNet-BC-100 k=12, batch 16, 448 MB against torchvision's 692 MB, 2026-12-06),
   which is where ``densenet train`` picks it (training/fast.py).
 - ``"efficient"`` (efficient.py; ``memory_efficient=True`` is torchvision's spelling of it): the shared
-  buffer with the BN-ReLU outputs recomputed in the backward pass, training memory linear in depth.
+  buffer with the BN-ReLU outputs recomputed in the backward pass, training memory linear in depth; the
+  ImageNet stem's BN-ReLU-max-pool and the transitions around such blocks recompute theirs too
+  (efficient_stem.py, run by ``run_features`` in a training forward with gradients).
 
 Nothing in ``forward`` overrides the choice: not grad mode, autocast, layout or compiling (torch.compile runs
 the two buffer blocks eagerly between its compiled pieces). The buffer blocks run their own autograd code,
@@ -48,6 +50,12 @@ from torch import Tensor, nn
 from densenet.errors import ConfigError, DenseNetError
 from densenet.models.concat_free import concat_free_block_forward
 from densenet.models.efficient import efficient_block_forward
+from densenet.models.efficient_stem import (
+    efficient_stem_forward,
+    efficient_transition_forward,
+    stem_fusable,
+    transition_fusable,
+)
 
 StemKind = Literal["cifar", "imagenet", "strided"]
 BlockImpl = Literal["plain", "concat_free", "efficient"]
@@ -205,16 +213,47 @@ def tap_blocks(modules: Iterable[nn.Module], x: Tensor, taps: Container[int], nu
     (``norm5``) and its ReLU, as ``forward_features`` gives it. What forward_intermediates and a
     ``features_only`` backbone (features.py) both return."""
     outputs = []
-    block = -1
-    for module in modules:
-        x = module(x)
-        if isinstance(module, DenseBlock):
-            block += 1
-            if block in taps and block != num_blocks - 1:
-                outputs.append(x)
+    x = run_features(modules, x, lambda index, out: outputs.append(out) if index in taps and index != num_blocks - 1
+                     else None)
     if num_blocks - 1 in taps:
         outputs.append(F.relu(x))
     return outputs
+
+
+def run_features(modules: Iterable[nn.Module], x: Tensor,
+                 on_block: Callable[[int, Tensor], None] | None = None) -> Tensor:
+    """Run ``modules`` (a DenseNet's ``features``, whole or cut after a block) on ``x``, one after the other, and
+    return the last output; ``on_block(i, out)`` sees the output of the i-th dense block (from 0).
+
+    In a training forward with gradients, the ImageNet stem's norm0-relu0-pool0 before an "efficient" block and
+    a transition after one run as one memory-efficient step each (efficient_stem.py): same results, a fraction
+    of the memory. Eval mode, no_grad, torch.compile, tracing and export run every module as it is.
+    """
+    mods = list(modules)
+    fuse = torch.is_grad_enabled() and not _tracing() and not torch.compiler.is_compiling()
+    previous = None  # the block_impl of the last dense block run
+    block, i = -1, 0
+    while i < len(mods):
+        module = mods[i]
+        if (fuse and i + 2 < len(mods) and stem_fusable(module, mods[i + 1], mods[i + 2], x)
+                and _next_block_impl(mods, i) == "efficient"):
+            x = efficient_stem_forward(module, mods[i + 2], x)  # norm0, relu0, pool0
+            i += 3
+            continue
+        if fuse and previous == "efficient" and isinstance(module, Transition) and transition_fusable(module, x):
+            x = efficient_transition_forward(module, x)
+        else:
+            x = module(x)
+        if isinstance(module, DenseBlock):
+            previous, block = module.block_impl, block + 1
+            if on_block is not None:
+                on_block(block, x)
+        i += 1
+    return x
+
+
+def _next_block_impl(mods: list[nn.Module], start: int) -> str | None:
+    return next((m.block_impl for m in mods[start:] if isinstance(m, DenseBlock)), None)
 
 
 class Transition(nn.Sequential):
@@ -375,7 +414,7 @@ class DenseNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Stem, dense blocks, transitions and the final BN-ReLU: the maps before global pooling."""
-        return F.relu(self.features(x), inplace=True)
+        return F.relu(run_features(self.features, x), inplace=True)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = torch.flatten(OPS[self.spatial_dims].global_pool(x, 1), 1)

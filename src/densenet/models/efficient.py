@@ -34,7 +34,8 @@ own kernels (native_batch_norm_backward, convolution_backward) where the tensors
 (the bottleneck's), and, for the block's width, with ATen's CPU formulas written in place into the
 workspaces (BN, ReLU) and matrix products with ``out=`` (the 1x1 convolution). The results equal the
 standard mode's up to rounding (tests/models/test_efficient.py: float64, every gradient and BN buffer).
-Same modules, same parameters, same state dict as the standard mode: only DenseBlock.forward differs.
+Same modules, same parameters, same state dict as the standard mode: only DenseBlock.forward differs (and, around
+the blocks, the stem's BN-ReLU-max-pool and the transitions: efficient_stem.py).
 Under torch.compile the blocks run eagerly, between the compiled stem, transitions and head.
 
 Maps are (N, C, *spatial) with one, two or three spatial dimensions: "pixels" below are the product of the
@@ -431,8 +432,15 @@ def _pointwise_backward(g: Tensor, inp: Tensor, bn: _BatchNorm, bn_weight, bn_bi
     if batch:  # grad -= alpha * ((x - mean) * k + sum_dy / count), as (x - center) * a + b, in the workspace
         k = dotp * invstd * invstd / (n * pixels)
         a, b = -scale_acc * k, -scale_acc * ((center_acc - mean) * k + sum_dy / (n * pixels))
-        t = torch.sub(inp, center, out=ws.wide.view(c))
-        grad[:, :c].addcmul_(t, per_channel(a.to(t.dtype), nd)).add_(per_channel(b.to(t.dtype), nd))
+        a, b = per_channel(a.to(inp.dtype), nd), per_channel(b.to(inp.dtype), nd)
+        if ws.wide is not None:  # the block's workspace, free by now
+            t = torch.sub(inp, center, out=ws.wide.view(c))
+            grad[:, :c].addcmul_(t, a).add_(b)
+        else:  # no full-batch workspace (a transition, efficient_stem.py): part by part
+            for start in range(0, n, ws.samples):
+                rows = slice(start, min(start + ws.samples, n))
+                t = torch.sub(inp[rows], center, out=ws.part.view(c)[:rows.stop - rows.start])
+                grad[rows, :c].addcmul_(t, a).add_(b)
     grad_bn_weight = None if bn_weight is None else (dotp * invstd).to(bn_weight.dtype)
     grad_bn_bias = None if bn_bias is None else sum_dy.to(bn_bias.dtype)
     return grad_w.view_as(weight).to(weight.dtype), grad_bn_weight, grad_bn_bias
