@@ -53,14 +53,16 @@ def test_state_dicts_interchangeable_and_setter():
         torch.testing.assert_close(standard(x), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("part_bytes", [1, 1 << 30], ids=["one_sample", "half_batch"])
+@pytest.mark.parametrize("part_bytes", [1, 1 << 30], ids=["one_sample", "whole_batch"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_backward_in_parts_of_the_batch(monkeypatch, channels_last, part_bytes):
-    # The bottleneck's backward pass takes the batch a few samples at a time (efficient._PART_BYTES): one
-    # sample, or at most half the batch, here 2 + 2 + 1 of 5 samples (a shorter last part).
+    # The bottleneck's backward pass (the recomputed bottleneck output, its gradient, the 3x3 convolution's
+    # backward pass) takes the batch a few samples at a time (efficient._PART_BYTES, _CONV_PART_BYTES): one
+    # sample, or all 5 at once.
     from densenet.models import efficient as eff_module
 
     monkeypatch.setattr(eff_module, "_PART_BYTES", part_bytes)
+    monkeypatch.setattr(eff_module, "_CONV_PART_BYTES", part_bytes)  # the 3x3 convolution's backward (_second_backward)
     parts = []
     backward = eff_module._pointwise_backward
     monkeypatch.setattr(eff_module, "_pointwise_backward",
@@ -72,7 +74,7 @@ def test_backward_in_parts_of_the_batch(monkeypatch, channels_last, part_bytes):
     x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=fmt), torch.randint(0, 5, (5,))
     loss_a, grad_a = _step(standard, x, y, 0)
     loss_b, grad_b = _step(efficient, x, y, 0)
-    assert set(parts) == {1 if part_bytes == 1 else 2}
+    assert set(parts) == {1 if part_bytes == 1 else 5}
     torch.testing.assert_close(loss_b, loss_a)
     torch.testing.assert_close(grad_b, grad_a)
     _assert_grads_equal(standard, efficient)

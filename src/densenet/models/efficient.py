@@ -19,9 +19,13 @@ DenseNets", 2017). Here instead
   once per block and pass, sized for the widest layer. Torch's kernels would return a new tensor of
   (N, C_in + l*k, H, W) at every layer l; glibc's default allocator cannot reuse the freed smaller ones
   for the next larger one and keeps them, so a user's process grew to 39% of the standard mode's peak
-  instead of the ~21% its live tensors need. In bottleneck layers the backward pass of the first BN-ReLU
-  and the 1x1 convolution runs a few samples at a time (_pointwise_backward), so the recomputed BN-ReLU
-  output over the block's width and its gradient take two parts of the forward pass's workspace.
+  instead of the ~21% its live tensors need. In bottleneck layers the backward pass runs a few samples at a
+  time: the recomputation of the first BN-ReLU and the 1x1 convolution (_pointwise_forward) and their
+  backward pass (_pointwise_backward) in two small workspaces at the block's width, and the 3x3
+  convolution's backward pass with the recomputed second BN-ReLU (_second_backward), so that no tensor of
+  the block's width but the buffer and its gradient, and none of the convolution kernel's temporaries, exist
+  for the whole batch (DenseNet-121 on 1x64^3 volumes, batch 16: 49 MB less at the peak of the live tensors,
+  which is the first block's backward pass; 2026-12-06).
 
 The batch statistics of a channel never change once it is written, so each channel's batch mean and
 variance are computed once, when it enters the buffer, and every later layer's BN1 reuses them (the
@@ -57,7 +61,6 @@ from densenet.errors import DenseNetError
 from densenet.models.block_buffer import (
     BlockBuffer,
     batch_mean_var,
-    batch_norm_backward,
     bn_factors,
     normalize_relu,
     normalize_relu_,
@@ -175,23 +178,24 @@ class _Workspaces:
     """A block's workspaces for one pass (forward or backward), allocated once, before its first layer.
 
     ``wide``: the full batch at the block's width, for the BN-ReLU output over the block's maps (``wide_cast``:
-    its conv-dtype copy under autocast); in basic layers ``grad`` holds its gradient, in bottleneck layers
-    the backward pass runs a few samples at a time (_pointwise_backward) in ``part`` and ``part_grad``, two
-    parts of ``samples`` samples each of ``wide``'s storage, free by then. ``mid`` (bottleneck output) and
-    ``y`` (second BN-ReLU; in basic layers ``y`` is ``wide``), ``cast``: at the bottleneck's width.
+    its conv-dtype copy under autocast); in basic layers ``grad`` holds its gradient. Bottleneck layers have
+    no ``wide`` in the backward pass: the recomputation of the bottleneck output (_pointwise_forward) and its
+    backward pass (_pointwise_backward) run a few samples at a time, in ``part`` and ``part_grad`` of
+    ``samples`` samples each (``part_cast`` under autocast). ``mid`` (bottleneck output) and ``y`` (second
+    BN-ReLU; in basic layers ``y`` is ``wide``), ``cast``: at the bottleneck's width.
     """
 
     def __init__(self, layers, buffer: Tensor, c_in: int, growth: int, conv_dtype: torch.dtype,
                  channels_last: bool, backward: bool) -> None:
         widest = c_in + (len(layers) - 1) * growth
         dtype, cast = buffer.dtype, conv_dtype != buffer.dtype
-        pairs = buffer if buffer.shape[0] >= 2 else buffer.expand(2, *buffer.shape[1:])  # room for the two parts
-        self.wide = _Workspace(pairs, widest, dtype, channels_last)
-        self.wide.shape = (buffer.shape[0], *self.wide.shape[1:])
-        self.wide_cast = _Workspace(pairs, widest, conv_dtype, channels_last) if cast else None
-        self.grad = self.mid = self.part = self.part_grad = self.part_cast = None
+        bottleneck = layers[0].bottleneck
+        self.wide = self.wide_cast = self.grad = self.mid = self.part = self.part_grad = self.part_cast = None
         self.samples = 0
-        if not layers[0].bottleneck:
+        if not (bottleneck and backward):
+            self.wide = _Workspace(buffer, widest, dtype, channels_last)
+            self.wide_cast = _Workspace(buffer, widest, conv_dtype, channels_last) if cast else None
+        if not bottleneck:
             self.y, self.cast = self.wide, self.wide_cast
             self.grad = _Workspace(buffer, widest, dtype, channels_last) if backward else None
             return
@@ -200,21 +204,25 @@ class _Workspaces:
         self.y = _Workspace(buffer, width, dtype, channels_last)
         self.cast = _Workspace(buffer, width, conv_dtype, channels_last) if cast else None
         if backward:
-            per_sample = self.wide.storage.numel() // pairs.shape[0]
-            self.samples = max(1, min(pairs.shape[0] // 2, _PART_BYTES // (per_sample * dtype.itemsize)))
-            part = pairs[:self.samples]
-            self.part = _Workspace(part, widest, dtype, channels_last, self.wide.storage)
-            self.part_grad = _Workspace(part, widest, dtype, channels_last,
-                                        self.wide.storage[self.samples * per_sample:])
-            if cast:
-                self.part_cast = _Workspace(part, widest, conv_dtype, channels_last, self.wide_cast.storage)
+            per_sample = widest * math.prod(buffer.shape[2:]) * dtype.itemsize
+            self.samples = max(1, min(buffer.shape[0], _PART_BYTES // per_sample))
+            part = buffer[:self.samples]
+            self.part = _Workspace(part, widest, dtype, channels_last)
+            self.part_grad = _Workspace(part, widest, dtype, channels_last)
+            self.part_cast = _Workspace(part, widest, conv_dtype, channels_last) if cast else None
+            per_sample = width * math.prod(buffer.shape[2:]) * dtype.itemsize
+            self.conv_samples = max(1, min(buffer.shape[0], _CONV_PART_BYTES // per_sample))
+            self.part_y = _Workspace(buffer[:self.conv_samples], width, dtype, channels_last)
 
 
-# The bottleneck's backward pass (_pointwise_backward) takes the batch in parts of about this many bytes of
-# the block-width workspace (at most half the batch: two parts share its storage). One sample at a time, the
-# small maps of the last blocks made each call's overhead count; and a part in channels_last is one
-# (pixels, channels) matrix, one matrix product. The parts are pieces of a workspace that exists anyway.
+# The bottleneck's backward pass (_pointwise_forward's recomputation, _pointwise_backward) takes the batch in
+# parts of about this many bytes at the block's width (two such workspaces, instead of one of the full batch).
+# One sample at a time, the small maps of the last blocks made each call's overhead count; and a part in
+# channels_last is one (pixels, channels) matrix, one matrix product.
 _PART_BYTES = 4 << 20
+# ... and the backward pass of its 3x3 convolution (_second_backward) in parts of about this many bytes of the
+# convolution's input: a few samples per call to the convolution kernel, whose temporaries grow with the part.
+_CONV_PART_BYTES = 8 << 20
 
 
 def _pointwise_forward(inp: Tensor, bn: _BatchNorm, bn_weight, bn_bias, mean: Tensor, var: Tensor,
@@ -227,16 +235,32 @@ def _pointwise_forward(inp: Tensor, bn: _BatchNorm, bn_weight, bn_bias, mean: Te
     would otherwise store).
     """
     n, c, *spatial = inp.shape
-    pixels = math.prod(spatial)
-    y = normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
-    y = _cast_into(y, dtype, ws.wide_cast)
     w2 = weight.to(dtype).flatten(1)  # (bottleneck width, c)
     mid = ws.mid.view(w2.shape[0])
+    if ws.wide is not None:
+        y = normalize_relu(inp, bn, bn_weight, bn_bias, mean, var, ws.wide.view(c))
+        _matmul_into(mid, _cast_into(y, dtype, ws.wide_cast), w2, channels_last)
+        return mid
+    # No full-batch workspace (the backward pass's recomputation, a transition's): a few samples at a time.
+    factors = bn_factors(bn, bn_weight, bn_bias, mean, var, inp)
+    for start in range(0, n, ws.samples):
+        rows = slice(start, min(start + ws.samples, n))
+        m = rows.stop - rows.start
+        y = normalize_relu_(inp[rows], factors, out=ws.part.view(c)[:m])
+        if ws.part_cast is not None and y.dtype != dtype:
+            y = ws.part_cast.view(c)[:m].copy_(y)
+        _matmul_into(mid[rows], y.to(dtype), w2, channels_last)
+    return mid
+
+
+def _matmul_into(mid: Tensor, y: Tensor, w2: Tensor, channels_last: bool) -> None:
+    """The 1x1 convolution of ``y`` (n, c, *spatial) with the (width, c) matrix ``w2``, written into ``mid``."""
+    n, c, *spatial = y.shape
+    pixels = math.prod(spatial)
     if channels_last:  # (n, pixels, c) @ (c, width)
         torch.matmul(y.movedim(1, -1).reshape(n, pixels, c), w2.t(), out=mid.movedim(1, -1).view(n, pixels, -1))
     else:  # (width, c) @ (n, c, pixels)
         torch.matmul(w2, y.reshape(n, c, pixels), out=mid.view(n, -1, pixels))
-    return mid
 
 
 def _cast_into(t: Tensor, dtype: torch.dtype, ws: _Workspace | None) -> Tensor:
@@ -446,6 +470,54 @@ def _pointwise_backward(g: Tensor, inp: Tensor, bn: _BatchNorm, bn_weight, bn_bi
     return grad_w.view_as(weight).to(weight.dtype), grad_bn_weight, grad_bn_bias
 
 
+def _second_backward(g: Tensor, mid: Tensor, bn: _BatchNorm, bn_weight, bn_bias, mean: Tensor, var: Tensor,
+                     batch: bool, conv: nn.modules.conv._ConvNd, weight: Tensor, dtype: torch.dtype,
+                     ws: _Workspaces):
+    """The backward pass of conv2(ReLU(BN2(mid))) in a bottleneck layer, ``ws.conv_samples`` samples at a time.
+
+    ``g`` is the gradient of conv2's output. Each part recomputes ReLU(BN2(.)) into ``ws.part_y`` and runs the
+    3x3 convolution's backward pass on it, so neither the BN-ReLU output nor the convolution's input gradient nor
+    its kernel's temporaries exist for the whole batch. BN2's input gradient goes into the ``ws.y`` workspace in
+    two passes (gy * invstd * weight part by part, then the batch-sum terms; ATen's CPU formulas, see
+    _bn_backward_). Returns that gradient and the gradients of the convolution weight, BN2's weight and bias.
+    """
+    n, width, *spatial = mid.shape
+    nd, dims, acc = len(spatial), (0, *spatial_dims_of(mid)), mean.dtype
+    factors = bn_factors(bn, bn_weight, bn_bias, mean, var, mid)
+    center, scale, _, invstd = factors
+    center = per_channel(mean, nd) if center is None else center
+    out = ws.y.view(width)
+    grad_w = None
+    sum_dy = torch.zeros(width, dtype=acc, device=mid.device)
+    dotp = torch.zeros(width, dtype=acc, device=mid.device)
+    parts = [slice(start, min(start + ws.conv_samples, n)) for start in range(0, n, ws.conv_samples)]
+    for rows in parts:
+        y = normalize_relu_(mid[rows], factors, out=ws.part_y.view(width)[:rows.stop - rows.start])
+        g_in, g_w = _conv_backward(g[rows], y, weight, conv, dtype)
+        grad_w = g_w if grad_w is None else grad_w.add_(g_w)
+        gy = out[rows].copy_(g_in)
+        del g_in
+        aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
+        sum_dy += gy.sum(dims, dtype=acc)
+        torch.sub(mid[rows], center, out=y)
+        dotp += y.mul_(gy).sum(dims, dtype=acc)
+        gy.mul_(scale)
+    # As in _pointwise_backward: the share of the mean's rounding (bn_factors) in dotp.
+    center_acc, scale_acc = center.flatten().to(acc), scale.flatten().to(acc)
+    dotp += (center_acc - mean) * sum_dy
+    if batch:
+        count = n * math.prod(spatial)
+        k = dotp * invstd * invstd / count
+        a = per_channel((-scale_acc * k).to(out.dtype), nd)
+        b = per_channel((-scale_acc * ((center_acc - mean) * k + sum_dy / count)).to(out.dtype), nd)
+        for rows in parts:
+            t = torch.sub(mid[rows], center, out=ws.part_y.view(width)[:rows.stop - rows.start])
+            out[rows].addcmul_(t, a).add_(b)
+    grad_bn_weight = None if bn_weight is None else (dotp * invstd).to(bn_weight.dtype)
+    grad_bn_bias = None if bn_bias is None else sum_dy.to(bn_bias.dtype)
+    return out, grad_w, grad_bn_weight, grad_bn_bias
+
+
 def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Tensor):
     conv_dtype, c_in, growth = meta["conv_dtype"], meta["c_in"], meta["growth"]
     channels_last = meta["channels_last"]
@@ -475,13 +547,9 @@ def _backward(layers, buffer: Tensor, params, tensors, meta: dict, grad_out: Ten
                 mid = _pointwise_forward(inp, first_bn, lp[0], lp[1], mean, var, lp[2], conv_dtype, ws,
                                          channels_last)
                 _redrop_(mid, mask1, layer.drop_rate)
-                y = normalize_relu(mid, layer.norm2, lp[3], lp[4], mean2, var2, ws.y.view(mid.shape[1]))
-                g, grad_params[p + 5] = _conv_backward(g, y, lp[-1], layer.conv2, conv_dtype)
-                g = aten.threshold_backward(g.to(y.dtype), y, 0)
-                del y
-                mask = [True, lp[3] is not None, lp[4] is not None]
-                g, grad_params[p + 3], grad_params[p + 4] = batch_norm_backward(
-                    g, mid, lp[3], mean2, var2, layer.norm2.eps, second_batch, mask)
+                g, grad_params[p + 5], grad_params[p + 3], grad_params[p + 4] = _second_backward(
+                    g, mid, layer.norm2, lp[3], lp[4], mean2, var2, second_batch, layer.conv2, lp[-1], conv_dtype,
+                    ws)
                 del mid
                 g = _undrop(g, mask1, layer.drop_rate)
                 grad_params[p + 2], grad_params[p], grad_params[p + 1] = _pointwise_backward(
