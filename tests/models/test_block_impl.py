@@ -332,6 +332,11 @@ def test_compiled_model_runs_its_buffer_blocks_eagerly(impl, monkeypatch):
     module, name = (concat_free, "_layer_forward") if impl == "concat_free" else (efficient, "_forward")
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(torch.compiler.is_compiling()) or real(*a, **k))
+    from densenet.models import efficient_stem
+
+    fused = []  # the compiled graph gets the ordinary transition (efficient_stem.py's runs only in eager training)
+    monkeypatch.setattr(efficient_stem._Transition, "apply",
+                        staticmethod(lambda *a, real=efficient_stem._Transition.apply: fused.append(1) or real(*a)))
     plain, other = _pair(impl, dtype=torch.float32, block_config=(2, 2))
     for m in (plain, other):
         m.to(memory_format=torch.channels_last)  # the layout compiled training runs in
@@ -348,6 +353,7 @@ def test_compiled_model_runs_its_buffer_blocks_eagerly(impl, monkeypatch):
             m.zero_grad(set_to_none=True)
     # two blocks (of two layers), two steps, never traced
     assert calls == [False] * (8 if impl == "concat_free" else 4), calls
+    assert not fused
 
 
 @pytest.mark.parametrize("impl", OTHERS)

@@ -283,3 +283,37 @@ def test_default_allocator_peak_below_half_of_standard(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         used[flag] = int(out.stdout.split()[-1])
     assert used["1"] < 0.5 * used["0"], used
+
+
+def test_block_accumulates_into_its_transitions_gradient_only_when_nothing_else_sees_it(monkeypatch):
+    # A transition after an efficient block hands its input gradient over to the block, which accumulates into
+    # it instead of into a copy (efficient.hand_over), unless something else can see the block's output: a
+    # module hook (whose tensor hook keeps the gradient) or a caller (forward_intermediates).
+    from densenet.models import efficient as eff_module
+
+    took_over = []
+    accumulator = eff_module._accumulator
+    monkeypatch.setattr(eff_module, "_accumulator",
+                        lambda g, buffer: (lambda acc: took_over.append(acc is g) or acc)(accumulator(g, buffer)))
+    standard, efficient = _pair(block_config=(2, 2, 2))
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (3,))
+    loss_a, grad_a = _step(standard, x, y, 0)
+    loss_b, grad_b = _step(efficient, x, y, 0)
+    assert took_over == [False, True, True]  # the last block's gradient comes from norm5
+    torch.testing.assert_close(grad_b, grad_a)
+    _assert_grads_equal(standard, efficient)
+
+    kept = []
+    handle = efficient.features.denseblock1.register_forward_hook(
+        lambda module, inputs, out: [out.register_hook(lambda g: kept.append((g, g.clone())))] and None)
+    took_over.clear()
+    efficient.zero_grad()
+    _step(efficient, x, y, 0)
+    handle.remove()
+    assert took_over == [False, True, False]
+    torch.testing.assert_close(kept[0][0], kept[0][1], rtol=0, atol=0)  # the hook's gradient left as it was
+    _assert_grads_equal(standard, efficient)
+
+    took_over.clear()
+    sum(out.sum() for out in efficient.forward_intermediates(x)).backward()
+    assert took_over == [False, False, False]

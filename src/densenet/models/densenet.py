@@ -46,6 +46,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from densenet.errors import ConfigError, DenseNetError
 from densenet.models.concat_free import concat_free_block_forward
@@ -232,6 +233,7 @@ def run_features(modules: Iterable[nn.Module], x: Tensor,
     mods = list(modules)
     fuse = torch.is_grad_enabled() and not _tracing() and not torch.compiler.is_compiling()
     previous = None  # the block_impl of the last dense block run
+    private = False  # x is the output of that block, and nothing but the next module sees it (no hook, no on_block)
     block, i = -1, 0
     while i < len(mods):
         module = mods[i]
@@ -241,15 +243,26 @@ def run_features(modules: Iterable[nn.Module], x: Tensor,
             i += 3
             continue
         if fuse and previous == "efficient" and isinstance(module, Transition) and transition_fusable(module, x):
-            x = efficient_transition_forward(module, x)
+            x = efficient_transition_forward(module, x, private_input=private)
         else:
             x = module(x)
+        private = False
         if isinstance(module, DenseBlock):
             previous, block = module.block_impl, block + 1
             if on_block is not None:
                 on_block(block, x)
+            elif fuse and not _has_hooks(module):
+                private = True
         i += 1
     return x
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether any module hook (of ``module`` or global) may see ``module``'s output or its gradient."""
+    own = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+    shared = ("_global_forward_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    return (any(getattr(module, name, None) for name in own)
+            or any(getattr(torch_module, name, None) for name in shared))
 
 
 def _next_block_impl(mods: list[nn.Module], start: int) -> str | None:
@@ -414,6 +427,8 @@ class DenseNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Stem, dense blocks, transitions and the final BN-ReLU: the maps before global pooling."""
+        if torch.compiler.is_compiling():  # a compiled graph gets the ordinary stem and transitions
+            return F.relu(self.features(x), inplace=True)
         return F.relu(run_features(self.features, x), inplace=True)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

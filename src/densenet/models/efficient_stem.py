@@ -59,6 +59,7 @@ from densenet.models.efficient import (
     _pointwise_forward,
     _undrop,
     _Workspace,
+    hand_over,
 )
 
 aten = torch.ops.aten
@@ -100,6 +101,9 @@ def stem_fusable(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: Tensor) -
     return _trains_with_grad(norm, x, [norm.weight, norm.bias] if isinstance(norm, _BatchNorm) else [])
 
 
+# Like the efficient blocks, these run eagerly if torch.compile reaches them (run_features gives a compiled graph
+# the ordinary modules instead).
+@torch.compiler.disable
 def efficient_stem_forward(norm: _BatchNorm, pool: _MaxPoolNd, x: Tensor) -> Tensor:
     """pool(ReLU(norm(x))), keeping x, BN's batch statistics and one byte per output (stem_fusable must hold)."""
     return _Stem.apply(norm, pool, x, norm.weight, norm.bias)
@@ -260,9 +264,16 @@ def transition_fusable(transition: nn.Module, x: Tensor) -> bool:
     return _trains_with_grad(norm, x, [norm.weight, norm.bias, conv.weight] if isinstance(norm, _BatchNorm) else [])
 
 
-def efficient_transition_forward(transition: nn.Module, x: Tensor) -> Tensor:
-    """``transition(x)``, keeping x, BN's batch statistics and the dropout mask (transition_fusable must hold)."""
-    return _Transition.apply(transition, x, transition.norm.weight, transition.norm.bias, transition.conv.weight)
+@torch.compiler.disable
+def efficient_transition_forward(transition: nn.Module, x: Tensor, private_input: bool = False) -> Tensor:
+    """``transition(x)``, keeping x, BN's batch statistics and the dropout mask (transition_fusable must hold).
+
+    ``private_input``: x is the output of an efficient dense block that nothing but this transition sees (no
+    hook, no caller); the input gradient is then handed over to that block (efficient.hand_over), which
+    accumulates into it instead of into a copy.
+    """
+    return _Transition.apply(transition, private_input, x, transition.norm.weight, transition.norm.bias,
+                             transition.conv.weight)
 
 
 class _TransitionWorkspaces:
@@ -294,7 +305,7 @@ def _drop_rate(transition: nn.Module) -> float:
 
 class _Transition(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, transition, x, bn_weight, bn_bias, conv_weight):
+    def forward(ctx, transition, private_input, x, bn_weight, bn_bias, conv_weight):
         norm, conv_dtype = transition.norm, _autocast_dtype(x.device.type, x.dtype)
         channels_last = channels_last_format(x) is not None
         p = _drop_rate(transition)
@@ -308,6 +319,7 @@ class _Transition(torch.autograd.Function):
             out = transition.pool(mid)
             del mid, ws
         ctx.transition, ctx.conv_dtype, ctx.channels_last, ctx.p = transition, conv_dtype, channels_last, p
+        ctx.private_input = private_input
         ctx.save_for_backward(x, mean, var, mask, bn_weight, bn_bias, conv_weight)
         return out
 
@@ -327,7 +339,9 @@ class _Transition(torch.autograd.Function):
             grad_w, grad_bn_weight, grad_bn_bias = _pointwise_backward(
                 g, x, transition.norm, bn_weight, bn_bias, mean, var, True, conv_weight, ctx.conv_dtype, grad_x,
                 ws, ctx.channels_last)
-        return None, grad_x, grad_bn_weight, grad_bn_bias, grad_w
+        if ctx.private_input:
+            hand_over(grad_x)
+        return None, None, grad_x, grad_bn_weight, grad_bn_bias, grad_w
 
 
 def _avg_pool_backward(grad: Tensor, shape: tuple[int, ...], kernel: tuple[int, ...]) -> Tensor:
