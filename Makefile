@@ -65,7 +65,7 @@ cifar10-cpu: install data/cifar10/train
 # Medical and multi-label runs (docs/medical.md): PneumoniaMNIST (binary, ../shared/data/medmnist) and MIML
 # (multi-label photos with a CSV of labels, ../shared/data/miml), each from scratch on the CPU, chosen on val,
 # tested once. SEED picks the seed of the PneumoniaMNIST run (the committed runs: 0, 1, 2).
-.PHONY: pneumonia-cpu miml-cpu
+.PHONY: pneumonia-cpu miml-cpu adrenal3d-cpu adrenal3d64-cpu
 SEED ?= 0
 pneumonia-cpu: install
 	$(BIN)/densenet train --config configs/pneumoniamnist_cpu.yaml --seed $(SEED) --out runs/pneumoniamnist-seed$(SEED)
@@ -75,3 +75,10 @@ data/miml/labels.csv: ../shared/data/miml/miml.tar
 
 miml-cpu: install data/miml/labels.csv
 	$(BIN)/densenet train --config configs/miml_cpu.yaml --out runs/miml-cpu
+
+# Volumes: AdrenalMNIST3D (CT shapes, binary, ../shared/data/medmnist) at 28^3 and 64^3, a 3D DenseNet-BC each.
+adrenal3d-cpu: install
+	$(BIN)/densenet train --config configs/adrenalmnist3d_cpu.yaml --out runs/adrenalmnist3d-cpu
+
+adrenal3d64-cpu: install
+	$(BIN)/densenet train --config configs/adrenalmnist3d_64_cpu.yaml --out runs/adrenalmnist3d64-cpu

@@ -2,10 +2,12 @@
 
     python scripts/heatmap_samples.py pneumonia ../shared/data/medmnist/pneumoniamnist.npz OUT_DIR [--count 12]
     python scripts/heatmap_samples.py miml data/miml/miml OUT_DIR [--count 12]
+    python scripts/heatmap_samples.py adrenal3d ../shared/data/medmnist/adrenalmnist3d.npz OUT_DIR [--count 12]
 
 Writes OUT_DIR/<true label>/<index>.png (the layout `densenet explain --truth-from-folder` reads): for a MedMNIST
-file the first test images of each class in turn; for MIML, for each label in turn, the first test images (split.csv)
-that carry that label alone, so that the folder names the whole truth. Deterministic: the same files every time.
+file the first test images of each class in turn (a 3D file: <index>.npy volumes, as `densenet explain` reads
+them); for MIML, for each label in turn, the first test images (split.csv) that carry that label alone, so that
+the folder names the whole truth. Deterministic: the same files every time.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def medmnist(npz: Path, out: Path, count: int, names: tuple[str, ...] = ("normal
     for c, indices in per_class.items():
         (out / names[c]).mkdir(parents=True, exist_ok=True)
         for i in indices:
-            Image.fromarray(images[i]).save(out / names[c] / f"{i:04d}.png")
+            if images.ndim == 4:  # (N, D, H, W) volumes
+                np.save(out / names[c] / f"{i:04d}.npy", images[i])
+            else:
+                Image.fromarray(images[i]).save(out / names[c] / f"{i:04d}.png")
 
 
 def miml(root: Path, out: Path, count: int) -> None:
@@ -46,9 +51,13 @@ def miml(root: Path, out: Path, count: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("pneumonia", "miml"))
+    parser.add_argument("kind", choices=("pneumonia", "miml", "adrenal3d"))
     parser.add_argument("source", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--count", type=int, default=12)
     args = parser.parse_args()
-    (medmnist if args.kind == "pneumonia" else miml)(args.source, args.out, args.count)
+    if args.kind == "miml":
+        miml(args.source, args.out, args.count)
+    else:
+        names = ("normal", "mass") if args.kind == "adrenal3d" else ("normal", "pneumonia")
+        medmnist(args.source, args.out, args.count, names)
