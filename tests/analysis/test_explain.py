@@ -387,3 +387,18 @@ def test_explain_command_user_errors_write_nothing(tmp_path, capsys):
         code, _, err = run_cli(capsys, "explain", tmp_path / "run", *files, "--out", tmp_path / "out", *extra)
         assert_user_error(code, err, "explain", needle)
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_binary_prediction_is_decided_at_the_runs_threshold_as_predict_decides_it():
+    """The weights' metadata carries the threshold chosen on validation; explain's verdict uses it, not 0.5."""
+    model = tiny_densenet(num_classes=1)
+    images = torch.randn(4, 1, 12, 12, dtype=torch.float64)
+    task = {"task": {"kind": "binary", "names": ["normal", "mass"]}}
+    p = torch.sigmoid(model.eval()(images)[:, 0])
+    never, always = explain_batch(model, images, task | {"thresholds": [1.0]}), \
+        explain_batch(model, images, task | {"thresholds": [0.0]})
+    assert [e.predicted for e in never] == ["normal"] * 4 and [e.predicted for e in always] == ["mass"] * 4
+    np.testing.assert_allclose([e.predicted_probability for e in never], (1 - p).tolist(), rtol=1e-6)
+    middle = float(p.sort().values[1:3].mean())  # between two of the four probabilities
+    decided = explain_batch(model, images, task | {"thresholds": [middle]})
+    assert [e.predicted for e in decided] == ["mass" if float(q) > middle else "normal" for q in p]

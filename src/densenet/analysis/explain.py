@@ -74,11 +74,12 @@ def task_from_metadata(metadata: dict[str, Any], num_outputs: int) -> Task:
     return task
 
 
-def predicted(task: Task, probabilities: Tensor) -> tuple[str, float]:
-    """One image's predicted label and its probability (multilabel: the most probable label)."""
+def predicted(task: Task, probabilities: Tensor, threshold: float = 0.5) -> tuple[str, float]:
+    """One image's predicted label and its probability (multilabel: the most probable label). A binary model
+    decides at ``threshold``: the run's own (chosen on validation, in the weights' metadata), as predict does."""
     if task.kind == "binary":
         p = float(probabilities[0])
-        return (task.names[1], p) if p > 0.5 else (task.names[0], 1.0 - p)  # Task.predict's rule
+        return (task.names[1], p) if p > threshold else (task.names[0], 1.0 - p)
     i = int(probabilities.argmax())
     return task.names[i], float(probabilities[i])
 
@@ -293,9 +294,10 @@ def explain_batch(model: nn.Module, images: Tensor, metadata: dict[str, Any] | N
     truths = list(true_labels) if true_labels is not None else [None] * len(images)
     if len(names) != len(images) or len(truths) != len(images):
         raise ValueError(f"{len(images)} images, {len(names)} names, {len(truths)} true labels")
+    threshold = float(metadata["thresholds"][0]) if task.kind == "binary" and metadata.get("thresholds") else 0.5
     out = []
     for i, target in enumerate(targets):
-        guess, p = predicted(task, probabilities[i])
+        guess, p = predicted(task, probabilities[i], threshold)
         out.append(Explanation(names[i], pixels[i], scores[i], target.name, target.probability, guess, p,
                                method, layer_name, truths[i]))
     return out
