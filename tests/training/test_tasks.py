@@ -312,3 +312,21 @@ def test_stem_option_builds_the_run_with_that_stem_and_predict_rebuilds_it(tmp_p
     assert model.features.conv0.stride == (2, 2, 2)
     assert train("--model", "resnet20_cifar", "--stem", "strided", "--out", tmp_path / "x") == 2
     assert "--stem changes a DenseNet's first layers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_volumes_that_are_not_cubes_evaluate_at_the_shape_they_trained_at(tmp_path, capsys):
+    """A CSV set of (4, 5, 6) volumes trained without --input-size trains at that shape; the weights must not
+    record a side that evaluate and predict would resize the volumes to (5^3), or evaluate measures another input."""
+    names = [f"v{i}.npy" for i in range(12)]
+    formats.write_volumes(tmp_path / "data", names, shape=(4, 5, 6))
+    formats.write_csv(tmp_path / "data" / "labels.csv", ["filename", "mass", "split"],
+                      [[n, i % 2, (["train"] * 6 + ["val"] * 2 + ["test"] * 4)[i]] for i, n in enumerate(names)])
+    assert train("--dataset", "csv", "--data-dir", tmp_path / "data", "--epochs", 1, "--out", tmp_path / "r") == 0
+    assert read_metadata(tmp_path / "r" / "model.safetensors")["input_size"] is None
+    reported = json.loads((tmp_path / "r" / "results.json").read_text())["test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r"), "--data-dir", str(tmp_path / "data"), "--json",
+                 "--engine", "eager"]) == 0
+    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert measured["loss"] == pytest.approx(reported["loss"], rel=1e-5)

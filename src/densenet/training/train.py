@@ -84,9 +84,18 @@ def eval_size(options: TrainOptions, per_rank: int) -> int:
     return per_rank if options.memory_efficient else per_rank * 2
 
 
+def _input_size(data: Data) -> int | None:
+    """The side evaluate and predict bring inputs to: None for volumes that are not cubes (a CSV set of such
+    volumes trains at their own shape, and evaluation must not resize them to a cube of one side)."""
+    images = getattr(data.test, "images", None)
+    if data.spatial_dims == 3 and images is not None and len(set(images.shape[2:])) > 1:
+        return None
+    return int(data.input_size)
+
+
 def _metadata(options: TrainOptions, data: Data, model: torch.nn.Module) -> dict[str, Any]:
     return {"model": options.model, "config": dict(model.config), "classes": list(data.classes),
-            "mean": list(data.mean), "std": list(data.std), "input_size": int(data.input_size),
+            "mean": list(data.mean), "std": list(data.std), "input_size": _input_size(data),
             "dataset": data.name, "memory_efficient": False, "tta": options.tta, "task": data.task.to_dict()}
 
 
