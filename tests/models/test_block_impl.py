@@ -60,9 +60,16 @@ def _assert_grads_equal(plain, other, **tol):
 @pytest.mark.parametrize("spatial_dims", [1, 2, 3], ids=["1d", "2d", "3d"])
 def test_sgd_steps_equal_plain_in_float64(impl, bottleneck, drop_rate, spatial_dims):
     plain, other = _pair(impl, bottleneck, drop_rate, spatial_dims=spatial_dims)
+    _sgd_steps_side_by_side(plain, other, lambda: (_input(4, spatial_dims), torch.randint(0, 5, (4,))))
+
+
+def _sgd_steps_side_by_side(plain, other, batch, steps: int = 3) -> None:
+    """``steps`` SGD steps of both models on the same batches (``batch()`` draws one): loss, input and parameter
+    gradients equal at every step, and after them every buffer (BN running statistics follow the plain
+    block's, updated exactly once per forward) and the state dicts."""
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, other)]
-    for step in range(3):
-        x, y = _input(4, spatial_dims), torch.randint(0, 5, (4,))
+    for step in range(steps):
+        x, y = batch()
         loss_a, grad_a = _step(plain, x, y, seed=step)
         loss_b, grad_b = _step(other, x, y, seed=step)
         torch.testing.assert_close(loss_b, loss_a)
@@ -71,11 +78,10 @@ def test_sgd_steps_equal_plain_in_float64(impl, bottleneck, drop_rate, spatial_d
         for opt in opts:
             opt.step()
             opt.zero_grad()
-    # BN running statistics follow the plain block's, updated exactly once per forward.
     for (name, a), b in zip(plain.named_buffers(), other.buffers(), strict=True):
         torch.testing.assert_close(b, a, msg=lambda m, name=name: f"{name}: {m}")
         if name.endswith("num_batches_tracked"):
-            assert int(b) == 3, name
+            assert int(b) == steps, name
     torch.testing.assert_close(other.state_dict(), plain.state_dict())
 
 
@@ -102,23 +108,9 @@ def test_imagenet_stem_and_transitions_equal_plain_in_float64(impl, part_bytes, 
         monkeypatch.setattr(cls, "apply", staticmethod(lambda *a, real=cls.apply, name=name: fused.append(name)
                                                        or real(*a)))
     plain, other = _pair(impl, drop_rate=0.2, block_config=(2, 2, 1), spatial_dims=spatial_dims, stem="imagenet")
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, other)]
-    for step in range(3):
-        x = torch.randn(3, 3, *([IMAGENET_SIDE[spatial_dims]] * spatial_dims), dtype=torch.float64)
-        y = torch.randint(0, 5, (3,))
-        loss_a, grad_a = _step(plain, x, y, step)
-        loss_b, grad_b = _step(other, x, y, step)
-        torch.testing.assert_close(loss_b, loss_a)
-        torch.testing.assert_close(grad_b, grad_a)
-        _assert_grads_equal(plain, other)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-    for (name, a), b in zip(plain.named_buffers(), other.buffers(), strict=True):
-        torch.testing.assert_close(b, a, msg=lambda m, name=name: f"{name}: {m}")
-        if name.endswith("num_batches_tracked"):
-            assert int(b) == 3, name
-    torch.testing.assert_close(other.state_dict(), plain.state_dict())
+    side = [IMAGENET_SIDE[spatial_dims]] * spatial_dims
+    _sgd_steps_side_by_side(plain, other, lambda: (torch.randn(3, 3, *side, dtype=torch.float64),
+                                                   torch.randint(0, 5, (3,))))
     assert fused == ([] if impl != "efficient" else ["_Stem", "_Transition", "_Transition"] * 3)
 
 
