@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Container, Iterable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +208,20 @@ def block_impl_of(module: nn.Module) -> str:
     return impls.pop() if len(impls) == 1 else "mixed"
 
 
+class BlockImplSetting:
+    """``block_impl`` and ``set_block_impl`` of a module that holds dense blocks (DenseNet, DenseNetFeatures)."""
+
+    @property
+    def block_impl(self) -> str:
+        """How the dense blocks compute their output (BLOCK_IMPLS); change it with ``set_block_impl``."""
+        return block_impl_of(self)
+
+    def set_block_impl(self, block_impl: BlockImpl) -> Self:
+        """Run every dense block as ``block_impl`` from now on; returns the module, as ``.to()`` does."""
+        set_block_impl(self, block_impl)
+        return self
+
+
 def tap_blocks(modules: Iterable[nn.Module], x: Tensor, taps: Container[int], num_blocks: int) -> list[Tensor]:
     """Run ``modules`` (a DenseNet's ``features``, whole or cut after a block) on ``x`` and return the output of
     every dense block whose index (from 0) is in ``taps``; the last block's is taken after the final BN
@@ -285,7 +299,7 @@ class Transition(nn.Sequential):
         self.add_module("pool", ops.avg_pool(kernel_size=2, stride=2))
 
 
-class DenseNet(nn.Module):
+class DenseNet(BlockImplSetting, nn.Module):
     """A Densely Connected Convolutional Network.
 
     Args:
@@ -398,16 +412,6 @@ class DenseNet(nn.Module):
     drop_rate = property(lambda self: self.config["drop_rate"])
     # Configurations written before volumes were supported have no spatial_dims: they are 2D.
     spatial_dims = property(lambda self: self.config.get("spatial_dims", 2))
-
-    @property
-    def block_impl(self) -> str:
-        """How the dense blocks compute their output (BLOCK_IMPLS); change it with ``set_block_impl``."""
-        return block_impl_of(self)
-
-    def set_block_impl(self, block_impl: BlockImpl) -> DenseNet:
-        """Run every dense block as ``block_impl`` from now on; returns the model, as ``.to()`` does."""
-        set_block_impl(self, block_impl)
-        return self
 
     @property
     def memory_efficient(self) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from densenet.errors import ConfigError
-from densenet.models.densenet import BlockImpl, DenseNet, block_impl_of, set_block_impl, tap_blocks
+from densenet.models.densenet import BlockImplSetting, DenseNet, tap_blocks
 
 
 class FeatureInfo:
@@ -74,7 +74,7 @@ def resolve_out_indices(out_indices: Sequence[int] | None, stages: int) -> tuple
     return tuple(sorted(set(resolved)))
 
 
-class DenseNetFeatures(nn.Module):
+class DenseNetFeatures(BlockImplSetting, nn.Module):
     """The stem and dense blocks of a DenseNet up to the last selected stage; forward gives a list of maps."""
 
     def __init__(self, model: DenseNet, out_indices: Sequence[int] | None = None) -> None:
@@ -98,15 +98,6 @@ class DenseNetFeatures(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return tap_blocks(self.features, x, self.out_indices, self.num_stages)
-
-    @property
-    def block_impl(self) -> str:
-        """How the dense blocks compute their output (the DenseNet's setting, models/densenet.py)."""
-        return block_impl_of(self)
-
-    def set_block_impl(self, block_impl: BlockImpl) -> DenseNetFeatures:
-        set_block_impl(self, block_impl)
-        return self
 
     def extra_repr(self) -> str:
         return f"out_indices={self.out_indices}, block_impl={self.block_impl!r}"
