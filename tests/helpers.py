@@ -129,3 +129,46 @@ def place_weights_file(monkeypatch, torch_home, blob: bytes, stored: bytes | Non
     path.parent.mkdir(parents=True)
     path.write_bytes(blob if stored is None else stored)
     return path
+
+
+_PEAK_SCRIPT = """
+import sys, torch, torch.nn.functional as F
+from densenet.models.densenet import DenseNet
+torch.set_num_threads(1)
+
+def rss(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":")) * 1024
+
+torch.manual_seed(0)
+model = DenseNet(growth_rate=12, block_config=(int(sys.argv[1]),), stem="cifar", num_classes=5, block_impl=sys.argv[2])
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+base = rss("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+for _ in range(2):
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+print(rss("VmHWM") - base)
+"""
+
+
+def training_peak_rss(tmp_path: Path, layers: int, block_impls: tuple[str, ...]) -> dict[str, int]:
+    """Peak RSS (bytes) over two SGD steps of a one-block CIFAR-stem DenseNet (growth 12, ``layers`` layers,
+    8 images of 32x32, one thread) above the RSS after building it, per block implementation: a fresh process
+    each, glibc's default allocator (no MALLOC_* variables), as a user's training gets it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "peak.py"
+    script.write_text(_PEAK_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    used = {}
+    for impl in block_impls:
+        out = subprocess.run([sys.executable, str(script), str(layers), impl], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        used[impl] = int(out.stdout.split()[-1])
+    return used
+

@@ -3,10 +3,6 @@ concatenation: what only this block has to get right (its own autograd Functions
 memory). The float64 oracle tests it shares with the efficient block are in test_block_impl.py."""
 
 import copy
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,6 +11,7 @@ import torchvision
 from torch import nn
 
 import densenet
+from tests.helpers import training_peak_rss
 
 
 def _pair(drop_rate=0.0):
@@ -189,40 +186,10 @@ def test_bn_relu_outputs_share_one_storage_per_block():
     assert storages[8] != storages[4]
 
 
-_PEAK_SCRIPT = textwrap.dedent("""
-    import sys, torch, torch.nn.functional as F
-    from densenet.models.densenet import DenseNet
-    torch.set_num_threads(1)
-
-    def rss(field):
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":")) * 1024
-
-    torch.manual_seed(0)
-    model = DenseNet(growth_rate=12, block_config=(32,), stem="cifar", num_classes=5, block_impl=sys.argv[1])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
-    base = rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    for _ in range(2):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    print(rss("VmHWM") - base)
-""")
-
-
 @pytest.mark.slow
 def test_training_peak_memory_below_the_plain_concatenation(tmp_path):
     # Why the block exists: in eager fp32 NCHW training (where densenet train runs it) each map is written
     # once instead of concatenated afresh for every later layer. Peak RSS over two SGD steps, default
     # allocator, a fresh process each (`densenet bench memory` measures the same at full size).
-    script = tmp_path / "peak.py"
-    script.write_text(_PEAK_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    used = {}
-    for impl in ("plain", "concat_free"):
-        out = subprocess.run([sys.executable, str(script), impl], capture_output=True, text=True, timeout=300, env=env)
-        assert out.returncode == 0, out.stderr[-2000:]
-        used[impl] = int(out.stdout.split()[-1])
+    used = training_peak_rss(tmp_path, 32, ("plain", "concat_free"))
     assert used["concat_free"] < 0.8 * used["plain"], used  # 2026-12-06: 477 against 673 MB (0.71)

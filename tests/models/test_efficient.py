@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import densenet
 from densenet.models.densenet import DenseNet
+from tests.helpers import training_peak_rss
 
 
 def _pair(bottleneck=True, drop_rate=0.0, dtype=torch.float64, block_config=(3, 2)):
@@ -241,30 +242,6 @@ def test_cuda_training_step_equals_standard_mode():
     torch.testing.assert_close(efficient.state_dict(), standard.state_dict(), rtol=1e-4, atol=1e-5)
 
 
-_DEFAULT_ALLOCATOR_SCRIPT = textwrap.dedent("""
-    import sys, torch, torch.nn.functional as F
-    from densenet.models.densenet import DenseNet
-    torch.set_num_threads(1)
-
-    def rss(field):
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":")) * 1024
-
-    torch.manual_seed(0)
-    model = DenseNet(growth_rate=12, block_config=(40,), stem="cifar", num_classes=5,
-                     memory_efficient=sys.argv[1] == "1")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
-    base = rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    for _ in range(2):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    print(rss("VmHWM") - base)
-""")
-
-
 @pytest.mark.slow
 def test_default_allocator_peak_below_half_of_standard(tmp_path):
     # What a user gets: glibc's DEFAULT allocator (no MALLOC_* variables), peak RSS over two SGD steps minus
@@ -273,16 +250,8 @@ def test_default_allocator_peak_below_half_of_standard(tmp_path):
     # before the per-block workspaces, about 0.38 with them; 0.29 once the bottleneck outputs were recomputed
     # too: 178 MB against 610 MB, 2026-11-30, when the standard mode was the concat-free block; the plain
     # block's peak is higher still).
-    script = tmp_path / "alloc.py"
-    script.write_text(_DEFAULT_ALLOCATOR_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    used = {}
-    for flag in ("0", "1"):
-        out = subprocess.run([sys.executable, str(script), flag], capture_output=True, text=True, timeout=300,
-                             env=env)
-        assert out.returncode == 0, out.stderr[-2000:]
-        used[flag] = int(out.stdout.split()[-1])
-    assert used["1"] < 0.5 * used["0"], used
+    used = training_peak_rss(tmp_path, 40, ("plain", "efficient"))
+    assert used["efficient"] < 0.5 * used["plain"], used
 
 
 def test_block_accumulates_into_its_transitions_gradient_only_when_nothing_else_sees_it(monkeypatch):
