@@ -301,3 +301,15 @@ def check_outputs(outputs: Sequence[tuple[str, str | os.PathLike]], inputs: Iter
                                     f"written by {command}; choose another name or folder")
         checked.append((flag, out))
     return [path for _, path in checked]
+
+
+def figure_png(fig: Any, dpi: float | None = None) -> bytes:
+    """A matplotlib figure as PNG bytes (``dpi`` None: matplotlib's default), the figure closed: what every
+    plot of the package writes, through ``atomic_write``, so that a reader never finds half a picture."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
+

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import yaml
 
 from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
+from densenet.files import figure_png
 
 # family -> (marker, colour): DenseNets in blues and greens with filled round-ish markers, ResNets in reds with
 # triangles, so the two groups separate at a glance and the variants within each still differ.
@@ -236,12 +236,7 @@ def curve_pair(runs: list[Figure4Run]) -> tuple[Figure4Run, Figure4Run] | None:
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=110)
 
 
 def plot_points(runs: list[Figure4Run]) -> bytes:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import yaml
 
 from densenet.data.registry import DATASETS
 from densenet.errors import DenseNetError
+from densenet.files import figure_png
 
 # (model, data set, augmentation) -> the paper's test error in percent (Table 2; ImageNet: Table 3 single-crop top-1).
 PAPER_ERRORS: dict[tuple[str, str, str], float] = {}
@@ -296,10 +296,7 @@ def plot(results: list[RunResult]) -> bytes:
     axes[0].set_title("error against parameters")
     axes[1].set_title("error against MACs")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=110)
 
 
 def write_report(results: list[RunResult], out_dir: str | Path, command: str = "") -> tuple[Path, Path]:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from densenet.errors import DenseNetError
+from densenet.files import figure_png
 from densenet.models.densenet import DenseNet
 
 
@@ -131,10 +132,7 @@ def plot(blocks: list[BlockReuse], title: str = "") -> bytes:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=120)
 
 
 def write_reuse(model: DenseNet, out_dir: str | Path, title: str = "") -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from densenet.errors import ConfigError
-from densenet.files import atomic_write, printable, with_advice
+from densenet.files import atomic_write, figure_png, printable, with_advice
 from densenet.training.checkpoint import BEST, LAST
 
 WEIGHTS = "model.safetensors"
@@ -266,10 +266,8 @@ def write_curves(run_dir: Path, history: list[dict[str, float]], title: str) -> 
     ax_time.grid(alpha=0.3)
     ax_time.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write(run_dir / "curves.png", lambda f: f.write(buffer.getvalue()))
+    png = figure_png(fig)
+    atomic_write(run_dir / "curves.png", lambda f: f.write(png))
 
 
 class TensorBoard:

@@ -36,7 +36,7 @@ from densenet.data.metrics import choose_thresholds, metric_keys, selection_metr
 from densenet.data.splits import Data
 from densenet.data.task import Task, positive_weight
 from densenet.errors import ConfigError
-from densenet.files import atomic_write
+from densenet.files import atomic_write, figure_png
 
 RESULTS = "results.json"
 SPLIT = "split.csv"
@@ -195,7 +195,6 @@ def test_free(values: dict[str, Any]) -> dict[str, float]:
 def write_task_curves(run_dir: Path, history: list[dict[str, float]], title: str) -> None:
     """RUN/curves.png of a binary or multilabel run: the train and validation (test) error at probability 0.5
     against epoch, and the validation (test) AUROC against epoch, the measure that selects the epoch (marked)."""
-    import io
 
     import matplotlib
 
@@ -232,10 +231,8 @@ def write_task_curves(run_dir: Path, history: list[dict[str, float]], title: str
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write(run_dir / "curves.png", lambda f: f.write(buffer.getvalue()))
+    png = figure_png(fig)
+    atomic_write(run_dir / "curves.png", lambda f: f.write(png))
 
 
 def write_split(run_dir: Path, data: Data) -> None:
