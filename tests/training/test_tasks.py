@@ -330,3 +330,30 @@ def test_volumes_that_are_not_cubes_evaluate_at_the_shape_they_trained_at(tmp_pa
                  "--engine", "eager"]) == 0
     measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert measured["loss"] == pytest.approx(reported["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_volumes_take_flip_test_time_augmentation_and_refuse_flip_shift_before_training(tmp_path, capsys):
+    """--tta flip on volumes averages each volume's probability and its mirror's along the last axis (the
+    oracle: the model on both, by hand); flip-shift (a 2D pixel shift) is refused before anything trains."""
+    from densenet.data.augment import normalize
+    from densenet.data.datasets import load_data
+    from densenet.models.weights import load_weights
+
+    path = tmp_path / "adrenalmnist3d.npz"
+    formats.write_medmnist(path, image_shape=(6, 6, 6))
+    assert train("--dataset", "medmnist", "--data-dir", path, "--epochs", 1, "--tta", "flip",
+                 "--out", tmp_path / "r") == 0, capsys.readouterr().err
+    reported = json.loads((tmp_path / "r" / "results.json").read_text())["test"]
+    model, meta = load_weights(tmp_path / "r")
+    test = load_data("medmnist", path, train=False).test
+    x = normalize(test.images, meta["mean"], meta["std"])
+    with torch.no_grad():
+        p = (torch.sigmoid(model.eval()(x)) + torch.sigmoid(model(x.flip(-1)))) / 2
+    y = test.labels.to(torch.float64).reshape(p.shape)
+    assert reported["loss"] == pytest.approx(float(torch.nn.functional.binary_cross_entropy(p.double(), y)), rel=1e-4)
+    capsys.readouterr()
+    assert train("--dataset", "medmnist", "--data-dir", path, "--epochs", 1, "--tta", "flip-shift",
+                 "--out", tmp_path / "s") == 2
+    assert "--tta flip-shift moves 2D images" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

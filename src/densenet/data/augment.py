@@ -110,10 +110,14 @@ def alternate_flips(first: Tensor, index: Tensor, epoch: int) -> Tensor:
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}
 
 
-def tta_views(images: Tensor, mode: str, fill: Tensor) -> Tensor:
+def tta_views(images: Tensor, mode: str, fill: Tensor, volumes: bool = False) -> Tensor:
     """The views ``mode`` averages, (N, V, C, H, W), of a normalised (N, C, H, W) batch or of one that already
-    has views (N, V0, C, H, W): V = V0 x TTA_VIEWS[mode]. ``fill`` (C,) is the padded value per channel."""
-    views = images if images.dim() == 5 else images[:, None]
+    has views (N, V0, C, H, W): V = V0 x TTA_VIEWS[mode]. ``fill`` (C,) is the padded value per channel.
+    ``volumes``: a (N, C, D, H, W) batch of volumes, viewed as (N, V, C, D, H, W); "flip" mirrors the last axis
+    (W), as the training flips do (among others); "flip-shift" is for images only."""
+    if volumes and mode == "flip-shift":
+        raise ValueError("flip-shift views images; volumes take 'flip' or 'none'")
+    views = images[:, None] if volumes or images.dim() == 4 else images
     if mode == "none":
         return views
     views = torch.cat([views, views.flip(-1)], dim=1)

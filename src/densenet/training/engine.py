@@ -213,13 +213,14 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
     (AUROC, ACC, mAP, Hamming, F1: ``Stats.metrics``, at ``threshold``) on the sigmoid probabilities of the
     whole split, views averaged as probabilities; the loss is the unweighted BCE of those probabilities and
     ``Stats.outputs`` keeps (targets, probabilities) on the CPU. Multiclass (the default) is measured as it
-    always was: loss, top-1, top-5, nothing slower. Volumes (N, C, D, H, W) of a 3D set are single views.
+    always was: loss, top-1, top-5, nothing slower. Volumes (N, C, D, H, W) of a 3D set are single views;
+    ``tta`` "flip" averages each volume and its mirror along the last axis.
     """
     model.eval()
     forward = forward or model
     volumes = getattr(getattr(batches, "data", None), "spatial_dims", 2) == 3
-    if volumes and tta != "none":
-        raise DenseNetError(f"--tta {tta} views 2D images; this data set holds 3D volumes (use --tta none)")
+    if volumes and tta == "flip-shift":
+        raise DenseNetError("--tta flip-shift moves 2D images; this data set holds 3D volumes (use --tta flip or none)")
     if task is not None and task.sigmoid:
         return _evaluate_sigmoid(batches, device, info, amp, forward, tta, task, volumes, threshold)
     loss_sum = top1 = top5 = seen = 0.0
@@ -247,7 +248,7 @@ def _views(x: torch.Tensor, batches: Batches, tta: str, volumes: bool) -> tuple[
     ``tta``; (x, 0) for a batch that is one view (a 5D batch of volumes is not views)."""
     views = x.shape[1] if x.dim() == 5 and not volumes else 0
     if tta != "none":
-        x = tta_views(x, tta, batches.padding_value)
+        x = tta_views(x, tta, batches.padding_value, volumes)
         views = x.shape[1]
     return x, views
 
