@@ -22,7 +22,7 @@ The CSV (``--data-dir``: the file, or a folder holding ``labels.csv``) has one r
 Images are decoded once (``densenet.data.images.load_image``), resized to ``input_size`` squares (default: the
 record's, 64), held in memory as uint8 and cached beside the data like the class-folder sets
 (``densenet.data.folders.decode_all``), so a second load reads one file. A set whose images are all grayscale
-is held with one channel. Files ending ``.npy`` are volumes (issue 26): each (D, H, W) or (1, D, H, W), uint8
+is held with one channel. Files ending ``.npy`` are volumes: each (D, H, W) or (1, D, H, W), uint8
 0..255 or floating point 0..1 (stored as uint8 = round(255 v), as MedMNIST 3D stores CT: rescale other ranges,
 e.g. a CT window, before), held as (N, 1, D, H, W) uint8 with ``spatial_dims`` 3, resized (trilinear) to
 ``input_size`` cubes only when that is given, else all must share one shape.
