@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from densenet.errors import ConfigError
+
 
 def pad_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4, size: int | None = None,
                   flips: Tensor | None = None) -> Tensor:
@@ -110,13 +112,19 @@ def alternate_flips(first: Tensor, index: Tensor, epoch: int) -> Tensor:
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}
 
 
+def check_tta(mode: str, volumes: bool) -> None:
+    """A ConfigError for test-time augmentation the data cannot take: flip-shift moves 2D images one pixel."""
+    if volumes and mode == "flip-shift":
+        raise ConfigError("--tta flip-shift moves 2D images one pixel; for volumes use --tta flip (each volume and "
+                          "its mirror) or none")
+
+
 def tta_views(images: Tensor, mode: str, fill: Tensor, volumes: bool = False) -> Tensor:
     """The views ``mode`` averages, (N, V, C, H, W), of a normalised (N, C, H, W) batch or of one that already
     has views (N, V0, C, H, W): V = V0 x TTA_VIEWS[mode]. ``fill`` (C,) is the padded value per channel.
     ``volumes``: a (N, C, D, H, W) batch of volumes, viewed as (N, V, C, D, H, W); "flip" mirrors the last axis
     (W), as the training flips do (among others); "flip-shift" is for images only."""
-    if volumes and mode == "flip-shift":
-        raise ValueError("flip-shift views images; volumes take 'flip' or 'none'")
+    check_tta(mode, volumes)
     views = images[:, None] if volumes or images.dim() == 4 else images
     if mode == "none":
         return views

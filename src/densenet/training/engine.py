@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from densenet.data.augment import alternate_flips, augment_batch, normalize, pad_crop_flip, tta_views
+from densenet.data.augment import alternate_flips, augment_batch, check_tta, normalize, pad_crop_flip, tta_views
 from densenet.data.datasets import Data, Split, worker_error_message
 from densenet.data.task import Task
 from densenet.devices import autocast
@@ -219,8 +219,7 @@ def evaluate(model: torch.nn.Module, batches: Batches, device: torch.device, inf
     model.eval()
     forward = forward or model
     volumes = getattr(getattr(batches, "data", None), "spatial_dims", 2) == 3
-    if volumes and tta == "flip-shift":
-        raise DenseNetError("--tta flip-shift moves 2D images; this data set holds 3D volumes (use --tta flip or none)")
+    check_tta(tta, volumes)
     if task is not None and task.sigmoid:
         return _evaluate_sigmoid(batches, device, info, amp, forward, tta, task, volumes, threshold)
     loss_sum = top1 = top5 = seen = 0.0

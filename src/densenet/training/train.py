@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from densenet.data.augment import check_tta
 from densenet.data.datasets import Data, load_data, subset
 from densenet.devices import resolve_device
 from densenet.errors import ConfigError, DenseNetError
@@ -356,9 +357,7 @@ def _load_checked(options: TrainOptions, run_dir: Path | None) -> Data:
             raise ConfigError(f"--small-crop {options.small_crop}: needs an in-memory data set with standard "
                               f"augmentation and images of at least that side" + (f" (these are {side})"
                                                                                    if side else ""))
-    if options.tta == "flip-shift" and data.spatial_dims == 3:
-        raise ConfigError("--tta flip-shift moves 2D images one pixel; for volumes use --tta flip (each volume and "
-                          "its mirror) or none")
+    check_tta(options.tta, data.spatial_dims == 3)
     if options.flip == "alternate" and not augmented_in_memory:
         raise ConfigError(f"--flip alternate: needs an in-memory data set (digits, cifar, svhn) with standard "
                           f"augmentation, not {data.name} with --augment {options.augment}")
