@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from densenet.analysis.explain import METHODS, explain, task_from_metadata
-from densenet.deploy.predict import Preprocess, check_inputs, find_images, takes_volumes
+from densenet.deploy.predict import Preprocess, check_inputs, find_images, same_shape, takes_volumes
 from densenet.devices import resolve_device
 from densenet.errors import DenseNetError
 from densenet.files import check_outputs
@@ -79,14 +79,13 @@ def run(args: argparse.Namespace) -> int:
                                     f"model's labels ({', '.join(names)})")
 
     def batches() -> Iterator[torch.Tensor]:  # decoded a batch at a time, as predict does
+        shape = None
         for start in range(0, len(images), args.batch_size):
-            batch = images[start:start + args.batch_size]
-            tensors = [preprocess(p) for p in batch]
-            for path, tensor in zip(batch, tensors, strict=True):  # volumes kept at their size (no input_size)
-                if tensor.shape != tensors[0].shape:
-                    raise DenseNetError(f"cannot read volume {path}: it is {tuple(tensor.shape[1:])}, "
-                                        f"{batch[0]} {tuple(tensors[0].shape[1:])}; weights without an input "
-                                        f"size take volumes of one shape")
+            tensors = []
+            for path in images[start:start + args.batch_size]:
+                tensors.append(preprocess(path))
+                shape = same_shape(path, tensors[-1], shape,  # volumes kept at their size (no input_size)
+                                   "weights without an input size take volumes of one shape")
             yield torch.stack(tensors).to(device)
 
     written = explain(model, batches(), Path(args.out), metadata, args.method, args.layer, args.label,

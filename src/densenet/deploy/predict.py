@@ -185,6 +185,16 @@ def find_images(inputs: Sequence[str | Path], volumes: bool = False) -> list[Pat
     return found
 
 
+def same_shape(path: str | Path, tensor: Tensor, shape: tuple[int, ...] | None,
+               hint: str = "give --input-size N to resize them all to N^3") -> tuple[int, ...]:
+    """The shape inputs must share (``shape``, or this first tensor's): volumes kept at their own size (weights
+    without an input size) batch only when they agree; another is one line naming the file, and ``hint``."""
+    own = tuple(tensor.shape[1:])
+    if shape is not None and own != shape:
+        raise DenseNetError(f"cannot read volume {printable(path)}: it is {own}, the first {shape}; {hint}")
+    return own
+
+
 def takes_volumes(metadata: dict[str, Any]) -> bool:
     """Whether the weights are a 3D model's, which reads .npy volumes (``spatial_dims`` 3 in their config)."""
     return int(metadata.get("config", {}).get("spatial_dims", 2)) == 3
@@ -223,10 +233,7 @@ def predict(model: torch.nn.Module, metadata: dict[str, Any], images: Sequence[s
         for path in images[start:start + batch_size]:
             try:
                 tensor = preprocess(path)
-                shape = shape or tuple(tensor.shape[1:])
-                if tuple(tensor.shape[1:]) != shape:
-                    raise DenseNetError(f"cannot read volume {printable(path)}: it is {tuple(tensor.shape[1:])}, "
-                                        f"the first {shape}; give --input-size N to resize them all to N^3")
+                shape = same_shape(path, tensor, shape)
                 tensors.append(tensor)
                 paths.append(path)
             except DenseNetError as exc:  # the others keep their results; the caller lists the unreadable ones
