@@ -42,7 +42,7 @@ def test_the_runner_knows_every_network():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_each_config_loads_and_builds_its_network(path):
     options = resolve_options(path)
-    assert (options.dataset, options.epochs, options.eval_every, options.tta) == ("cifar10", 10, 1, "none")
+    assert (options.dataset, options.epochs, options.eval_every, options.tta) == ("cifar10", 4, 1, "none")
     assert options.small_crop_epochs < options.epochs and options.drop_rate == 0.0
     if options.model.startswith("resnet") and importlib.util.find_spec("pytorchcv") is None:
         pytest.skip("pytorchcv is not installed (pip install densenet-paper[compare])")
