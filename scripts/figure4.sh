@@ -9,9 +9,12 @@
 #
 # Resumable: a network whose run folder holds model.safetensors is skipped; one with a checkpoint continues from
 # it (densenet train --resume, after the last finished epoch); one not started, or killed before its first
-# checkpoint, starts. Each run's output is appended to RUN/train.log (the figure reads its image count there).
-# Each run holds the project's CPU lock (/tmp/densenet-cpu.lock, as scripts/bench_cpu.sh) so that no benchmark
-# of ours runs beside it: its minutes and img/s are part of the figure. Run the series on one machine.
+# checkpoint, starts. Each run's output is appended to RUN/train.log (the figure reads its image count there),
+# between two lines naming the CPU and its fp32 matmul peak just before and just after the run (the figure's
+# table shows them: a series split across machines, or a run disturbed by another process, shows there).
+# Each run holds the project's CPU lock (/tmp/densenet-cpu.lock, as scripts/bench_cpu.sh) from the first peak
+# to the last, so no benchmark of ours runs beside it (`flock -x /tmp/densenet-cpu.lock CMD` waits for the run
+# to end, and the series for CMD): its minutes and img/s are part of the figure. Run the series on one machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DENSENET=${DENSENET:-.venv/bin/densenet}
@@ -20,6 +23,8 @@ DATA_DIR=${DATA_DIR:-data/cifar10}
 RUNS=${RUNS:-runs/figure4}
 OUT=${OUT:-docs/figure4}
 LOCK=${LOCK:-/tmp/densenet-cpu.lock}
+PYTHON=${PYTHON:-$(dirname "$DENSENET")/python}
+[ -x "$PYTHON" ] || PYTHON=python
 # The order of a full series: the smallest network of each family first, so that a series cut short still
 # compares the two families; ResNet-110 last (the issue's optional point).
 ORDER=(densenet_bc40_k12 resnet20_cifar resnet32_cifar densenet_b40_k12 densenet_bc64_k12 resnet56_cifar
@@ -29,8 +34,6 @@ if [ "${1:-}" = "--estimate" ]; then
   # One thread, eager fp32, channels_last, batch 64, 32x32: three interleaved rounds of two training steps of
   # every network, the best round kept (a step slowed by another process counts least). Only the ratios to
   # the first network mean much; docs/figure4.md scales them by a measured run.
-  PYTHON=${PYTHON:-$(dirname "$DENSENET")/python}
-  [ -x "$PYTHON" ] || PYTHON=python
   exec "$PYTHON" - "${ORDER[@]}" <<'EOF'
 import sys, time
 import torch
@@ -61,10 +64,22 @@ for name in "${names[@]}"; do
   [ -f "configs/figure4/$name.yaml" ] || { echo "figure4.sh: no configs/figure4/$name.yaml (choose from:" \
                                                 "${ORDER[*]})" >&2; exit 2; }
 done
+machine() {  # "machine: CPU MODEL, fp32 matmul peak N GFLOP/s (...)": the yardstick beside the run's minutes
+  "$PYTHON" - "$1" <<'EOF' || echo "machine: (no matmul peak: the measurement failed)"
+import sys
+import torch
+from densenet.devices import cpu_model, matmul_peak
+peak = matmul_peak(torch.device("cpu"), "fp32") / 1e9
+print(f"machine: {cpu_model()}, fp32 matmul peak {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads, {sys.argv[1]})")
+EOF
+}
+if command -v flock >/dev/null; then exec 9>"$LOCK"; fi
 for name in "${names[@]}"; do
   run=$RUNS/$name
+  if command -v flock >/dev/null; then flock -x 9; fi  # before looking: a run of this network may be going
   if [ -f "$run/model.safetensors" ]; then
     echo "== $name: finished ($run), skipped"
+    if command -v flock >/dev/null; then flock -u 9; fi
     continue
   fi
   if [ -f "$run/checkpoint_last.pt" ]; then
@@ -74,11 +89,10 @@ for name in "${names[@]}"; do
   fi
   mkdir -p "$run"
   echo "== $name: $DENSENET ${args[*]}  ($(date -u '+%F %T') UTC)"
-  if command -v flock >/dev/null; then
-    flock -x "$LOCK" "$DENSENET" "${args[@]}" 2>&1 | tee -a "$run/train.log"
-  else
-    "$DENSENET" "${args[@]}" 2>&1 | tee -a "$run/train.log"
-  fi
+  machine "before the run" | tee -a "$run/train.log"
+  "$DENSENET" "${args[@]}" 2>&1 | tee -a "$run/train.log"
+  machine "after the run" | tee -a "$run/train.log"
+  if command -v flock >/dev/null; then flock -u 9; fi
 done
 
 # The figure from every run folder with results so far (an unfinished run is drawn hollow and marked in the table).
