@@ -4,9 +4,11 @@
 #
 #   scripts/figure4.sh                          # every network, in ORDER below, then the figure (hours: docs/figure4.md)
 #   scripts/figure4.sh resnet56_cifar           # one network (a configs/figure4/NAME.yaml), then the figure
-#   DATA_DIR=../shared/data/cifar10 RUNS=runs/figure4 OUT=docs/figure4 scripts/figure4.sh
+#   DATA_DIR=../shared/data/cifar10 RUNS=runs/figure4 KEEP=docs/runs/figure4 OUT=docs/figure4 scripts/figure4.sh
 #   scripts/figure4.sh --estimate               # each network's few-step img/s, for docs/figure4.md's estimate
 #
+# A finished run's record (config.yaml, metrics.csv, train.log, curves.png: no weights) is copied to KEEP/NAME, the
+# committed copy the figure is drawn from; a network with such a copy is finished, on any clone of the project.
 # Resumable: a network whose run folder holds model.safetensors is skipped; one with a checkpoint continues from
 # it (densenet train --resume, after the last finished epoch); one not started, or killed before its first
 # checkpoint, starts. Each run's output is appended to RUN/train.log (the figure reads its image count there),
@@ -21,13 +23,15 @@ DENSENET=${DENSENET:-.venv/bin/densenet}
 [ -x "$DENSENET" ] || DENSENET=densenet
 DATA_DIR=${DATA_DIR:-data/cifar10}
 RUNS=${RUNS:-runs/figure4}
+KEEP=${KEEP:-docs/runs/figure4}
 OUT=${OUT:-docs/figure4}
 LOCK=${LOCK:-/tmp/densenet-cpu.lock}
 PYTHON=${PYTHON:-$(dirname "$DENSENET")/python}
 [ -x "$PYTHON" ] || PYTHON=python
-# The order of a full series: the smallest network of each family first, so that a series cut short still
-# compares the two families; ResNet-110 last (the optional point).
-ORDER=(densenet_bc40_k12 resnet20_cifar resnet32_cifar densenet_b40_k12 densenet_bc64_k12 resnet56_cifar
+# The order of a full series: DenseNet-BC L=40 k=12 and the ResNets up to ResNet-56 first, then the next
+# DenseNet-BC, so that a series cut short still compares the two families (the paper's Figure 4 middle); then
+# the variants at L=40 k=12 (Figure 4 left), the widest DenseNet-BC, and ResNet-110 last (the optional point).
+ORDER=(densenet_bc40_k12 resnet20_cifar resnet32_cifar resnet56_cifar densenet_bc64_k12 densenet_b40_k12
        densenet40_k12 densenet_bc40_k24 resnet110_cifar)
 
 if [ "${1:-}" = "--estimate" ]; then
@@ -77,8 +81,8 @@ if command -v flock >/dev/null; then exec 9>"$LOCK"; fi
 for name in "${names[@]}"; do
   run=$RUNS/$name
   if command -v flock >/dev/null; then flock -x 9; fi  # before looking: a run of this network may be going
-  if [ -f "$run/model.safetensors" ]; then
-    echo "== $name: finished ($run), skipped"
+  if [ -f "$run/model.safetensors" ] || [ -f "$KEEP/$name/metrics.csv" ]; then
+    echo "== $name: finished ($run or $KEEP/$name), skipped"
     if command -v flock >/dev/null; then flock -u 9; fi
     continue
   fi
@@ -92,13 +96,24 @@ for name in "${names[@]}"; do
   machine "before the run" | tee -a "$run/train.log"
   "$DENSENET" "${args[@]}" 2>&1 | tee -a "$run/train.log"
   machine "after the run" | tee -a "$run/train.log"
+  if [ -f "$run/model.safetensors" ]; then  # finished: its record to KEEP
+    mkdir -p "$KEEP/$name"
+    for file in config.yaml metrics.csv train.log curves.png; do
+      if [ -f "$run/$file" ]; then cp "$run/$file" "$KEEP/$name/"; fi
+    done
+  fi
   if command -v flock >/dev/null; then flock -u 9; fi
 done
 
-# The figure from every run folder with results so far (an unfinished run is drawn hollow and marked in the table).
+# The figure from every network with results so far: its finished record in KEEP, else its run folder (an
+# unfinished run is drawn hollow and marked in the table).
 runs=()
 for name in "${ORDER[@]}"; do
-  [ -f "$RUNS/$name/metrics.csv" ] && runs+=("$RUNS/$name")
+  if [ -f "$KEEP/$name/metrics.csv" ]; then
+    runs+=("$KEEP/$name")
+  elif [ -f "$RUNS/$name/metrics.csv" ]; then
+    runs+=("$RUNS/$name")
+  fi
 done
 if [ ${#runs[@]} -gt 0 ]; then
   "$DENSENET" analyze figure4 "${runs[@]}" --out "$OUT"

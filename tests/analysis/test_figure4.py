@@ -94,6 +94,26 @@ def test_a_run_folder_gives_its_point(runs):
     assert "| resnet20_cifar | ResNet |" in figure4.markdown([named])  # the folder's name only where it differs
 
 
+def test_the_machine_lines_give_each_runs_cpu_and_matmul_peaks(runs):
+    """scripts/figure4.sh's lines around each run (a real one, first) become the table's yardstick and CPU line."""
+    (runs[0] / "train.log").write_text(
+        "machine: Intel(R) Xeon(R) Processor @ 2.80GHz, 2 CPUs, fp32 matmul peak 232 GFLOP/s (2 threads, before the "
+        "run)\ntraining densenet_bc40_k12 on cifar10 (50000 images, 10 classes) for 4 epochs on cpu -> x\n"
+        "machine: Intel(R) Xeon(R) Processor @ 2.80GHz, 2 CPUs, fp32 matmul peak 228 GFLOP/s (2 threads, after the "
+        "run)\nmachine: (no matmul peak: the measurement failed)\n")
+    bc40 = figure4.read_run(runs[0])
+    assert bc40.cpu == "Intel(R) Xeon(R) Processor @ 2.80GHz, 2 CPUs"
+    assert bc40.peaks == [(232, "before the run"), (228, "after the run")]
+    table = figure4.markdown([bc40])
+    assert "| 20.00 | 232 / 228 |" in table
+    assert "CPU: Intel(R) Xeon(R) Processor @ 2.80GHz, 2 CPUs (every run)." in table
+    (runs[1] / "train.log").write_text("machine: AMD EPYC, 2 CPUs, fp32 matmul peak 300 GFLOP/s (before the run)\n")
+    table = figure4.markdown([bc40, figure4.read_run(runs[1]), figure4.read_run(runs[2])])
+    assert ("**Not one machine**: bc40: Intel(R) Xeon(R) Processor @ 2.80GHz, 2 CPUs; bc64: AMD EPYC, 2 CPUs; "
+            "dn40: not recorded.") in table
+    assert "| 18.00 | 300 |" in table and "| 19.50 | – |" in table
+
+
 @pytest.mark.slow
 @needs_pytorchcv
 def test_the_curves_pair_the_best_densenet_bc_with_the_resnet_of_closest_error(runs):

@@ -54,26 +54,43 @@ def test_each_config_loads_and_builds_its_network(path):
 
 @pytest.mark.slow  # starts a process
 def test_the_runner_skips_finished_runs_resumes_checkpointed_ones_and_starts_the_rest(tmp_path):
-    """scripts/figure4.sh with a stand-in for densenet that records its arguments (no training)."""
+    """scripts/figure4.sh with stand-ins for densenet (records its arguments; a new run "finishes" at once) and for
+    the matmul peak (no training)."""
     stub = tmp_path / "densenet"
-    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n')
-    stub.chmod(0o755)
-    runs = tmp_path / "runs"
+    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                    'if [ "$1 $2" = "train --config" ]; then\n'
+                    '  out=${@: -1}; touch "$out/model.safetensors" "$out/config.yaml"\n'
+                    '  echo epoch > "$out/metrics.csv"\n'
+                    'fi\n')
+    python = tmp_path / "python"
+    python.write_text('#!/usr/bin/env bash\necho "machine: Stub CPU, fp32 matmul peak 99 GFLOP/s (1 threads, $2)"\n')
+    for file in (stub, python):
+        file.chmod(0o755)
+    runs, keep = tmp_path / "runs", tmp_path / "keep"
     for name, file in (("densenet_bc40_k12", "model.safetensors"), ("resnet20_cifar", "checkpoint_last.pt")):
         (runs / name).mkdir(parents=True)
         (runs / name / file).write_text("")
         (runs / name / "metrics.csv").write_text("")
-    env = dict(os.environ, DENSENET=str(stub), CALLS=str(tmp_path / "calls"), RUNS=str(runs), DATA_DIR="DATA",
-               OUT=str(tmp_path / "figure"), LOCK=str(tmp_path / "lock"))
+    (keep / "resnet32_cifar").mkdir(parents=True)  # finished on another clone: its committed record
+    (keep / "resnet32_cifar" / "metrics.csv").write_text("epoch\n")
+    env = dict(os.environ, DENSENET=str(stub), PYTHON=str(python), CALLS=str(tmp_path / "calls"), RUNS=str(runs),
+               KEEP=str(keep), DATA_DIR="DATA", OUT=str(tmp_path / "figure"), LOCK=str(tmp_path / "lock"))
     result = subprocess.run(["bash", str(REPO / "scripts" / "figure4.sh"), "densenet_bc40_k12", "resnet20_cifar",
-                             "resnet32_cifar"], env=env, capture_output=True, text=True, timeout=60)
+                             "resnet32_cifar", "densenet_b40_k12"], env=env, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "densenet_bc40_k12: finished" in result.stdout
+    assert "densenet_bc40_k12: finished" in result.stdout and "resnet32_cifar: finished" in result.stdout
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == [f"train --resume {runs}/resnet20_cifar",
-                     f"train --config configs/figure4/resnet32_cifar.yaml --data-dir DATA --out {runs}/resnet32_cifar",
-                     f"analyze figure4 {runs}/densenet_bc40_k12 {runs}/resnet20_cifar --out {tmp_path}/figure"]
-    assert (runs / "resnet32_cifar" / "train.log").is_file()
+                     f"train --config configs/figure4/densenet_b40_k12.yaml --data-dir DATA --out "
+                     f"{runs}/densenet_b40_k12",
+                     f"analyze figure4 {runs}/densenet_bc40_k12 {runs}/resnet20_cifar {keep}/resnet32_cifar "
+                     f"{keep}/densenet_b40_k12 --out {tmp_path}/figure"]
+    log = (runs / "densenet_b40_k12" / "train.log").read_text().splitlines()
+    assert log == ["machine: Stub CPU, fp32 matmul peak 99 GFLOP/s (1 threads, before the run)",
+                   "machine: Stub CPU, fp32 matmul peak 99 GFLOP/s (1 threads, after the run)"]
+    assert sorted(f.name for f in (keep / "densenet_b40_k12").iterdir()) == ["config.yaml", "metrics.csv", "train.log"]
+    assert not (keep / "resnet20_cifar").exists()  # resumed, but (here) not finished: nothing kept
     unknown = subprocess.run(["bash", str(REPO / "scripts" / "figure4.sh"), "resnet21_cifar"], env=env,
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "no configs/figure4/resnet21_cifar.yaml" in unknown.stderr

@@ -11,8 +11,10 @@ included), its wall-clock minutes and its final test error. Written to DIR:
   marker per network, shape and colour by family (the paper's Figure 4 left and middle, plus time on this CPU);
 - ``curves.png``: the training and test curves of the best DenseNet-BC beside the ResNet whose test error is
   closest to it (the paper's Figure 4 right: a 0.8M DenseNet-BC-100 against a 10.2M pre-activation ResNet-1001);
-- ``figure4.md``: the table (network, params, MACs, img/s, minutes, test error), what differs between the runs'
-  recipes (a fair comparison needs none but the model), and the command that made it.
+- ``figure4.md``: the table (network, params, MACs, img/s, minutes, test error, and the fp32 matmul peak
+  measured before and after each run where its train.log has them: scripts/figure4.sh writes them), the CPU
+  each run trained on, what differs between the runs' recipes (a fair comparison needs none but the model),
+  and the command that made it.
 
 MACs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on a shape-only (meta) copy of the network,
 one image at the run's input size: convolutions and linear layers, half their FLOPs, so BN, ReLU, pooling and
@@ -71,6 +73,10 @@ class Figure4Run:
     test_error: float
     config: dict[str, Any] = field(repr=False)
     history: list[dict[str, float | None]] = field(repr=False)
+    # From train.log's "machine:" lines (scripts/figure4.sh): the CPU, and each fp32 matmul peak in GFLOP/s with
+    # when it was taken ("before the run", "after the run"; a resumed run has a pair per part).
+    cpu: str | None = None
+    peaks: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -132,6 +138,24 @@ def _train_images(run_dir: Path, config: dict[str, Any]) -> int | None:
     return TRAIN_IMAGES.get(str(config.get("dataset")))
 
 
+MACHINE_LINE = re.compile(r"^machine: (.+), fp32 matmul peak (\d+) GFLOP/s \((?:\d+ threads, )?([^)]*)\)\s*$")
+
+
+def _machine(run_dir: Path) -> tuple[str | None, list[tuple[int, str]]]:
+    """The CPU and the fp32 matmul peaks (GFLOP/s, when) that train.log's "machine:" lines give, in order."""
+    cpus, peaks = [], []
+    try:
+        with open(run_dir / "train.log", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                match = MACHINE_LINE.match(line)
+                if match:
+                    cpus.append(match[1])
+                    peaks.append((int(match[2]), match[3]))
+    except OSError:
+        pass
+    return (" / ".join(dict.fromkeys(cpus)) or None), peaks
+
+
 def _number(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
@@ -171,9 +195,10 @@ def read_run(run_dir: str | Path) -> Figure4Run:
     seconds = sum(row["seconds"] for row in history)
     images = _train_images(run_dir, config)
     rate = images * len(history) / seconds if images and seconds > 0 else None
+    cpu, peaks = _machine(run_dir)
     return Figure4Run(run_dir.name, name, family(architecture), label(name, architecture), params, macs,
                       len(history), int(config.get("epochs") or len(history)), seconds / 60, rate,
-                      float(tested[-1]["test_error"]), config, history)
+                      float(tested[-1]["test_error"]), config, history, cpu, peaks)
 
 
 def protocol_differences(runs: list[Figure4Run]) -> dict[str, list[Any]]:
@@ -199,17 +224,25 @@ def _millions(n: int) -> str:
 def markdown(runs: list[Figure4Run], command: str = "") -> str:
     """The table of the figure's points, the protocol check, and the command."""
     lines = [f"Made by `{command}`.", ""] if command else []
-    lines += ["| network | family | params | MACs | img/s | minutes | epochs | test error (%) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| network | family | params | MACs | img/s | minutes | epochs | test error (%) | matmul GFLOP/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r.family in RESNET_FAMILIES, r.params)):
         epochs = f"{r.epochs_done}" + ("" if r.finished else f" of {r.epochs_planned} (unfinished)")
         rate = "–" if r.images_per_second is None else f"{r.images_per_second:.0f}"
         where = "" if r.run == r.model else f" ({r.run})"  # the folder, where it is not named after the network
+        peaks = " / ".join(str(gflops) for gflops, _ in r.peaks) or "–"
         lines.append(f"| {r.model}{where} | {r.family} | {_millions(r.params)} | {r.macs / 1e6:.1f}M | {rate} "
-                     f"| {r.minutes:.1f} | {epochs} | {r.test_error:.2f} |")
+                     f"| {r.minutes:.1f} | {epochs} | {r.test_error:.2f} | {peaks} |")
     lines += ["", "Test error: the last evaluated epoch's. MACs: one forward pass of one image (convolutions and "
               "linear layers). img/s: training images per wall-clock second over the whole run (evaluation and "
-              "compiling included); minutes: the sum of metrics.csv's seconds."]
+              "compiling included); minutes: the sum of metrics.csv's seconds. matmul GFLOP/s: the fp32 peak of one "
+              "(2048 x 2048) product, measured just before and just after the run (before / after; a resumed run "
+              "adds a pair), a yardstick of a quiet machine: one far below the others says something else ran."]
+    cpus = {r.run: r.cpu or "not recorded" for r in runs}
+    if len(set(cpus.values())) == 1:
+        lines += ["", f"CPU: {next(iter(cpus.values()))} (every run)."]
+    else:
+        lines += ["", "**Not one machine**: " + "; ".join(f"{run}: {cpu}" for run, cpu in cpus.items()) + "."]
     differ = protocol_differences(runs)
     if differ:
         lines += ["", "**Not one protocol**: the runs' recipes differ in " + "; ".join(
