@@ -77,13 +77,14 @@ peak = matmul_peak(torch.device("cpu"), "fp32") / 1e9
 print(f"machine: {cpu_model()}, fp32 matmul peak {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads, {sys.argv[1]})")
 EOF
 }
-if command -v flock >/dev/null; then exec 9>"$LOCK"; fi
+# The CPU lock on fd 9, where flock exists (elsewhere the series runs unlocked).
+if command -v flock >/dev/null; then exec 9>"$LOCK"; lock() { flock "$1" 9; }; else lock() { :; }; fi
 for name in "${names[@]}"; do
   run=$RUNS/$name
-  if command -v flock >/dev/null; then flock -x 9; fi  # before looking: a run of this network may be going
+  lock -x  # before looking: a run of this network may be going
   if [ -f "$run/model.safetensors" ] || [ -f "$KEEP/$name/metrics.csv" ]; then
     echo "== $name: finished ($run or $KEEP/$name), skipped"
-    if command -v flock >/dev/null; then flock -u 9; fi
+    lock -u
     continue
   fi
   if [ -f "$run/checkpoint_last.pt" ]; then
@@ -102,7 +103,7 @@ for name in "${names[@]}"; do
       if [ -f "$run/$file" ]; then cp "$run/$file" "$KEEP/$name/"; fi
     done
   fi
-  if command -v flock >/dev/null; then flock -u 9; fi
+  lock -u
 done
 
 # The figure from every network with results so far: its finished record in KEEP, else its run folder (an
