@@ -394,7 +394,8 @@ def test_a_binary_prediction_is_decided_at_the_runs_threshold_as_predict_decides
     model = tiny_densenet(num_classes=1)
     images = torch.randn(4, 1, 12, 12, dtype=torch.float64)
     task = {"task": {"kind": "binary", "names": ["normal", "mass"]}}
-    p = torch.sigmoid(model.eval()(images)[:, 0])
+    with torch.no_grad():
+        p = torch.sigmoid(model.eval()(images)[:, 0])
     never, always = explain_batch(model, images, task | {"thresholds": [1.0]}), \
         explain_batch(model, images, task | {"thresholds": [0.0]})
     assert [e.predicted for e in never] == ["normal"] * 4 and [e.predicted for e in always] == ["mass"] * 4
